@@ -1,0 +1,44 @@
+# One-command set-up on a fresh machine with only python3.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip
+
+.PHONY: demo test lint bench clean system-deps
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e ".[convert,sim]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+# mosquitto is the broker the tests trust; espeak-ng and sox are for the voice work.
+system-deps:
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients espeak-ng sox >/dev/null; \
+	  else \
+	    echo "mosquitto is missing: install it (sudo apt-get install mosquitto) and re-run"; exit 1; \
+	  fi; \
+	fi
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/edge-slm demo
+
+test: $(VENV)/.installed-dev system-deps
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_e2e.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Datasets the project ships: generated, deterministic, with a held-out split."""

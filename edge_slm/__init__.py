@@ -1,0 +1,34 @@
+"""edge-slm on the device: load a model package, run it on inputs, publish results over MQTT.
+
+The public API is what this module re-exports. Never imports TensorFlow, converters or devices.
+"""
+
+from __future__ import annotations
+
+from edge_slm.errors import (
+    BrokerError,
+    ConfigError,
+    ConversionError,
+    EdgeSlmError,
+    InputError,
+    ModelError,
+    RuntimeNotFoundError,
+)
+from edge_slm.package import ModelPackage
+from edge_slm.runtime import Model, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "ConversionError",
+    "EdgeSlmError",
+    "InputError",
+    "Model",
+    "ModelError",
+    "ModelPackage",
+    "RuntimeNotFoundError",
+    "__version__",
+    "load",
+]

@@ -1,0 +1,252 @@
+"""The `edge-slm` command: thin sub-commands that parse arguments, call the library, print.
+
+Device commands (run, validate, bench) import only edge_slm; host commands (convert, demo) load
+converters/devices lazily, so `edge-slm run` on a Pi never needs TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edge_slm import __version__
+from edge_slm.errors import EdgeSlmError
+
+log = logging.getLogger("edge_slm")
+
+EPILOG = """examples:
+  edge-slm demo                                   train, convert and serve an intent model end to end
+  edge-slm convert model.keras -o pkg --calib calib.npz --eval eval.npz --tokenizer tokenizer.json
+  edge-slm validate pkg --eval eval.npz           check a package on this device
+  edge-slm run agent.toml                         serve pipelines, publish results over MQTT
+  edge-slm bench pkg                              time the model on this device
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- run -----------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_slm.agent import Agent
+    from edge_slm.config import load_agent_config
+
+    cfg = load_agent_config(args.config)
+    if args.broker:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, broker=args.broker))
+    _setup_logging(args.log_level or cfg.log_level)
+    Agent(cfg).run_forever()
+    return 0
+
+
+# --- validate ------------------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    from edge_slm.package import ModelPackage
+    from edge_slm.tasks import load_task
+
+    pkg = ModelPackage.open(args.package)
+    task = load_task(pkg, threads=args.threads)
+    report: dict = {
+        "package": str(pkg.path), "name": pkg.name, "version": pkg.version, "task": pkg.task,
+        "sha256": pkg.sha256, "sha256_ok": True, "runtime": task.model.backend,
+        "recipe": pkg.manifest.get("quantization", {}).get("recipe"),
+        "manifest_validation": pkg.manifest.get("validation", {}).get("quantized", {}),
+    }
+    if args.eval:
+        report["eval"] = _evaluate(task.model, args.eval)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0 if report.get("eval", {}).get("ok", True) else 1
+    from edge_slm.table import format_table
+
+    rows = [["package", report["package"]], ["model", f"{pkg.name} {pkg.version} ({pkg.task})"],
+            ["sha256", f"{pkg.sha256[:16]}… verified"], ["runtime", report["runtime"]],
+            ["recipe", report["recipe"]]]
+    mv = report["manifest_validation"]
+    for k in ("top1_agreement", "accuracy_quantized", "cosine_mean"):
+        if k in mv:
+            rows.append([f"converter {k}", mv[k]])
+    for k, v in report.get("eval", {}).items():
+        rows.append([f"this device {k}", v])
+    print(format_table(["check", "value"], rows))
+    return 0 if report.get("eval", {}).get("ok", True) else 1
+
+
+def _evaluate(model, path: str) -> dict:  # noqa: ANN001
+    p = Path(path)
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EdgeSlmError(f"{p}: not a readable .npz file ({exc})") from exc
+    if "x" not in data:
+        raise EdgeSlmError(f"{p}: needs key 'x' (and optionally 'y' labels)")
+    x = data["x"]
+    preds, times = [], []
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        out = model.run(x[i : i + 1])[0]
+        times.append(time.perf_counter() - t0)
+        preds.append(int(np.argmax(out)))
+    res: dict = {"examples": len(x), "latency_ms_p50": round(float(np.median(times)) * 1000, 4), "ok": True}
+    if "y" in data:
+        acc = float(np.mean(np.asarray(preds) == data["y"].reshape(-1)))
+        res["accuracy"] = round(acc, 4)
+    return res
+
+
+# --- bench ---------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_slm import runtime
+    from edge_slm.package import ModelPackage
+    from edge_slm.table import format_table
+
+    path = Path(args.model)
+    model_path = ModelPackage.open(path).model_path if path.is_dir() else path
+    rows, out = [], []
+    for threads in args.threads:
+        m = runtime.load(model_path, threads=threads, backend=args.runtime)
+        for info in m.inputs:
+            zeros = np.zeros(info.shape, dtype=np.float32 if not np.issubdtype(info.dtype, np.integer) or info.quantized else info.dtype)
+            m._interp.set_tensor(info.index, m._prepare(zeros, info))  # noqa: SLF001
+        for _ in range(args.warmup):
+            m.invoke_raw()
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            m.invoke_raw()
+            times.append(time.perf_counter() - t0)
+        ms = np.asarray(times) * 1000
+        row = {"runtime": m.backend, "threads": threads, "runs": args.runs,
+               "p50_ms": round(float(np.percentile(ms, 50)), 4), "p99_ms": round(float(np.percentile(ms, 99)), 4),
+               "per_s": round(1000.0 / float(np.mean(ms)), 1)}
+        out.append(row)
+        rows.append(list(row.values()))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(list(out[0].keys()), rows))
+    return 0
+
+
+# --- host commands, loaded lazily ----------------------------------------------------------------
+def _host(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise EdgeSlmError(
+                f"this command runs on the host and needs the convert extra ({exc.name} is missing): "
+                "pip install 'edge-slm[convert,sim]'"
+            ) from exc
+        return getattr(mod, func)(args)
+
+    return call
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-slm",
+        description="Put small language models on edge devices: convert to int8 TFLite, validate, "
+        "run on a Pi or Jetson, publish results over MQTT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"edge-slm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("demo", help="train, convert and serve a smart-home intent model end to end", formatter_class=fmt,
+                       description="Trains an intent classifier on the shipped smart-home dataset, converts it with "
+                       "--quantize auto, starts an embedded broker (or uses --broker), runs 3 simulated devices "
+                       "on held-out commands and prints the results as they arrive.")
+    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded amqtt one")
+    p.add_argument("--workdir", help="keep the dataset, model and package here (default: a temp dir)")
+    p.add_argument("--devices", type=int, default=3, help="simulated devices")
+    p.add_argument("--messages", type=int, default=5, help="held-out commands sent to each device")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_host("devices.demo", "cmd_demo"))
+
+    p = sub.add_parser("convert", help="Keras/SavedModel -> validated int8 TFLite model package", formatter_class=fmt,
+                       description="Converts MODEL (a Keras 3 .keras file or a SavedModel dir) with a fixed batch-1 "
+                       "signature, validates each recipe against the float model on --eval, and writes the package. "
+                       "auto tries int8, int8-float-attention and dynamic and keeps the smallest that passes. "
+                       "NPZ files hold the inputs under 'x' (or the input names) and labels under 'y'.")
+    p.add_argument("model", help="model.keras or a SavedModel directory")
+    p.add_argument("-o", "--output", required=True, help="package directory to write")
+    p.add_argument("--calib", help="calibration inputs (.npz), a few hundred typical examples")
+    p.add_argument("--eval", required=True, help="evaluation inputs (.npz) with optional labels 'y'")
+    p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int8-float-attention", "dynamic", "float16", "float32"])
+    p.add_argument("--min-agreement", type=float, default=0.99, help="gate: top-1 agreement with the float model")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="gate for non-classifiers: mean cosine similarity")
+    p.add_argument("--task", help="what the model does (default text-classification with --tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer.json for text models")
+    p.add_argument("--labels", help="labels.txt, one label per line, in output order")
+    p.add_argument("--name", help="package name (default: the model file name)")
+    p.add_argument("--version", dest="pkg_version", default="1.0.0", help="package version")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_host("converters.cli", "cmd_convert"))
+
+    p = sub.add_parser("validate", help="verify a model package and (optionally) measure it on an eval set", formatter_class=fmt)
+    p.add_argument("package")
+    p.add_argument("--eval", help="eval .npz with 'x' and optional 'y'")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run the agent: pipelines from AGENT.toml, results to MQTT/stdout", formatter_class=fmt,
+                       description="Serves every [[pipelines]] entry of AGENT.toml until SIGINT/SIGTERM, or until "
+                       "file/stdin sources are exhausted. See examples/agent.toml.")
+    p.add_argument("config", help="AGENT.toml")
+    p.add_argument("--broker", help="override [mqtt].broker")
+    p.add_argument("--log-level", help="override log_level (DEBUG, INFO, WARNING, ERROR)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="time a model or package on this device", formatter_class=fmt)
+    p.add_argument("model", help="package directory or .tflite file")
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to compare")
+    p.add_argument("--runtime", choices=["ai-edge-litert", "tflite-runtime", "tensorflow"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command != "run":
+        _setup_logging(os.environ.get("EDGE_SLM_LOG_LEVEL", "WARNING"))
+    try:
+        return args.func(args)
+    except EdgeSlmError as exc:
+        print(f"edge-slm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edge-slm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Agent configuration: frozen dataclasses loaded from TOML and validated on load.
+
+Errors name the key and the file. Imports only the standard library and edge_slm.errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 on older Pi OS
+    import tomli as tomllib
+
+from edge_slm.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SOURCE_SCHEMES = ("mqtt", "stdin", "file")
+SINKS = ("mqtt", "stdout")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How the agent reaches its broker."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = "edge-slm"
+    client_id: str = ""
+    username: str = ""
+    password: str = ""
+    keepalive: int = 30
+    connect_timeout_s: float = 10.0
+    qos: int = 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One source -> task -> sinks chain."""
+
+    name: str
+    model: str
+    source: str = "mqtt://"
+    sinks: list[str] = field(default_factory=lambda: ["mqtt"])
+    threads: int = 1
+    max_input_bytes: int = 65536
+    queue_size: int = 1000
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole agent: identity, broker and pipelines."""
+
+    device_id: str
+    pipelines: list[PipelineConfig]
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    state_dir: str = "~/.local/state/edge-slm"
+    runtime: str = ""
+    log_level: str = "INFO"
+
+    def uses_mqtt(self) -> bool:
+        return any(p.source.startswith("mqtt") or "mqtt" in p.sinks for p in self.pipelines)
+
+
+def _describe(typ: Any) -> str:
+    origin = typing.get_origin(typ)
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(typ)[0])}"
+    if dataclasses.is_dataclass(typ):
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(typ, str(typ))
+
+
+def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a table, got {type(value).__name__}")
+        return _build(typ, value, key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be {_describe(typ)}, got {type(value).__name__}")
+        (item,) = typing.get_args(typ)
+        return [_convert(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError("unions are not used in config schemas")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} must be {_describe(typ)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key {full!r} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], full, where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {full!r}")
+    return cls(**kwargs)
+
+
+def _check(cfg: AgentConfig, where: str) -> None:
+    if not _NAME.match(cfg.device_id):
+        raise ConfigError(f"{where}: device_id {cfg.device_id!r} must be 1-64 letters, digits, '_', '-' or '.'")
+    if not cfg.pipelines:
+        raise ConfigError(f"{where}: pipelines must list at least one pipeline ([[pipelines]])")
+    seen = set()
+    for i, p in enumerate(cfg.pipelines):
+        key = f"pipelines[{i}]"
+        if not _NAME.match(p.name):
+            raise ConfigError(f"{where}: {key}.name {p.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        if p.name in seen:
+            raise ConfigError(f"{where}: {key}.name {p.name!r} is used twice")
+        seen.add(p.name)
+        scheme = p.source.split(":", 1)[0] if ":" in p.source else p.source
+        if scheme not in SOURCE_SCHEMES:
+            raise ConfigError(
+                f"{where}: {key}.source {p.source!r} has unknown scheme; use mqtt://[TOPIC], stdin:// or file://PATH"
+            )
+        if scheme == "file" and not p.source.removeprefix("file://"):
+            raise ConfigError(f"{where}: {key}.source needs a path: file://PATH")
+        if not p.sinks:
+            raise ConfigError(f"{where}: {key}.sinks must name at least one of {', '.join(SINKS)}")
+        for s in p.sinks:
+            if s not in SINKS:
+                raise ConfigError(f"{where}: {key}.sinks has unknown sink {s!r} (known: {', '.join(SINKS)})")
+        if p.threads < 0 or p.threads > 64:
+            raise ConfigError(f"{where}: {key}.threads must be 0 (runtime decides) to 64")
+        if p.max_input_bytes < 1:
+            raise ConfigError(f"{where}: {key}.max_input_bytes must be positive")
+        if p.queue_size < 1:
+            raise ConfigError(f"{where}: {key}.queue_size must be positive")
+    m = cfg.mqtt
+    if not m.broker.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError(f"{where}: mqtt.broker {m.broker!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if m.qos not in (0, 1, 2):
+        raise ConfigError(f"{where}: mqtt.qos must be 0, 1 or 2")
+    if not 5 <= m.keepalive <= 3600:
+        raise ConfigError(f"{where}: mqtt.keepalive must be 5-3600 seconds")
+    if m.connect_timeout_s <= 0:
+        raise ConfigError(f"{where}: mqtt.connect_timeout_s must be positive")
+    if not m.topic_prefix or any(c in m.topic_prefix for c in "#+") or m.topic_prefix.endswith("/"):
+        raise ConfigError(f"{where}: mqtt.topic_prefix {m.topic_prefix!r} must be non-empty, without # + or a trailing /")
+    if cfg.runtime not in ("", "ai-edge-litert", "tflite-runtime", "tensorflow"):
+        raise ConfigError(f"{where}: runtime must be ai-edge-litert, tflite-runtime or tensorflow")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where}: log_level must be DEBUG, INFO, WARNING or ERROR")
+
+
+def agent_config_from_dict(data: dict[str, Any], where: str = "<config>", base_dir: Path | None = None) -> AgentConfig:
+    """Build and validate an AgentConfig; relative model/file/state paths resolve against base_dir."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table at the top level")
+    cfg: AgentConfig = _build(AgentConfig, data, "", where)
+    _check(cfg, where)
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    def res(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path))
+
+    pipes = []
+    for p in cfg.pipelines:
+        source = p.source
+        if source.startswith("file://"):
+            source = "file://" + res(source.removeprefix("file://"))
+        pipes.append(dataclasses.replace(p, model=res(p.model), source=source))
+    return dataclasses.replace(cfg, pipelines=pipes, state_dir=res(cfg.state_dir))
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read AGENT.toml; every problem is a ConfigError naming the file and the key."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    return agent_config_from_dict(data, str(p), p.parent.resolve())

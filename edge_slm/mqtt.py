@@ -1,0 +1,210 @@
+"""The agent's MQTT connection: broker URLs, topic names, status with last will, QoS 1 publish.
+
+Imports paho-mqtt 2 and the standard library; never TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_slm.errors import BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """mqtt://HOST[:PORT] (1883) or mqtts://HOST[:PORT] (8883)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"broker {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"broker {url!r}: bad port") from exc
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under <prefix>/<device_id>/ as DESIGN.md fixes them."""
+
+    prefix: str
+    device_id: str
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/{self.device_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.root}/status"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.root}/metrics"
+
+    def result(self, pipeline: str) -> str:
+        return f"{self.root}/{pipeline}/result"
+
+    def error(self, pipeline: str) -> str:
+        return f"{self.root}/{pipeline}/error"
+
+    def input(self, pipeline: str) -> str:
+        return f"{self.root}/{pipeline}/input"
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttLink:
+    """One paho client: connects with a retained 'offline' last will, says 'online', publishes QoS 1.
+
+    paho's network thread reconnects after a drop; subscriptions are renewed on every connect.
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        client_id: str,
+        topics: Topics,
+        *,
+        username: str = "",
+        password: str = "",
+        keepalive: int = 30,
+        qos: int = 1,
+    ) -> None:
+        self.address = parse_broker_url(broker)
+        self.topics = topics
+        self.qos = qos
+        self._subs: dict[str, MessageHandler] = {}
+        self._connected = threading.Event()
+        self._connect_error: str | None = None
+        self._lock = threading.Lock()
+        self.reconnects = 0
+        self._ever_connected = False
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        self.keepalive = keepalive
+        # 0 = unlimited: paho must never drop an outgoing QoS 1 result on its own.
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if username:
+            self.client.username_pw_set(username, password or None)
+        if self.address.tls:
+            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        self.client.will_set(topics.status, b"offline", qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # paho callbacks run on its network thread.
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self._connect_error = str(reason_code)
+            log.warning("broker %s refused the connection: %s", self.address.url, reason_code)
+            return
+        if self._ever_connected:
+            self.reconnects += 1
+            log.info("reconnected to %s", self.address.url)
+        else:
+            log.info("connected to %s", self.address.url)
+        self._ever_connected = True
+        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        with self._lock:
+            for topic in self._subs:
+                client.subscribe(topic, qos=1)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self._connected.clear()
+        if reason_code != 0:
+            log.warning("lost connection to %s (%s); paho will reconnect", self.address.url, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        handler = self._subs.get(msg.topic)
+        if handler is None:
+            for pattern, h in self._subs.items():
+                if paho.topic_matches_sub(pattern, msg.topic):
+                    handler = h
+                    break
+        if handler is not None:
+            handler(msg.topic, msg.payload)
+
+    def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        with self._lock:
+            self._subs[topic] = handler
+        if self._connected.is_set():
+            self.client.subscribe(topic, qos=1)
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and wait for CONNACK; BrokerError with the reason if that does not happen in time."""
+        url = self.address.url
+        try:
+            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive)
+        except (OSError, socket.gaierror) as exc:
+            raise BrokerError(
+                f"cannot reach broker {url}: {exc.strerror or exc}; start a broker there or set [mqtt].broker"
+            ) from exc
+        self.client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._connect_error is not None:
+                self.client.loop_stop()
+                raise BrokerError(f"broker {url} refused the connection: {self._connect_error}; check [mqtt] username/password")
+            if time.monotonic() > deadline:
+                self.client.loop_stop()
+                raise BrokerError(f"no answer from broker {url} within {timeout:g}s; check [mqtt].broker")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def publish(self, topic: str, payload: bytes, *, qos: int | None = None, retain: bool = False) -> paho.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=self.qos if qos is None else qos, retain=retain)
+
+    def close(self, timeout: float = 5.0, pending: list[paho.MQTTMessageInfo] | None = None) -> None:
+        """Say 'offline' (retained), wait for outstanding QoS 1 acks, disconnect."""
+        deadline = time.monotonic() + timeout
+        for info in pending or []:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not info.is_published():
+                try:
+                    info.wait_for_publish(left)
+                except (RuntimeError, ValueError):
+                    pass
+        info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
+        try:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        except (RuntimeError, ValueError):
+            pass
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,198 @@
+"""A pipeline: decode each input, run the task, hand a result or an error record to the sinks.
+
+Per-input failures become error records with a stable code; the loop never stops for one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from edge_slm.errors import InputError
+from edge_slm.mqtt import MqttLink, Topics
+from edge_slm.seq import SeqCounter
+from edge_slm.sources import RawInput, next_input_id
+from edge_slm.tasks import Task
+
+log = logging.getLogger(__name__)
+
+RECORD_SCHEMA = 1
+_END = object()
+
+
+def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
+    """Payload bytes -> (input_id, text). UTF-8 text, or JSON {"text": ..., "id": ...}."""
+    input_id = raw.input_id or next_input_id()
+    if len(raw.payload) > max_bytes:
+        raise InputError("input_too_long", f"input is {len(raw.payload)} bytes; the limit is {max_bytes} (max_input_bytes)")
+    try:
+        text = raw.payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError("bad_encoding", f"input is not UTF-8 (byte {exc.start}); send UTF-8 text or JSON") from exc
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise InputError("bad_json", f"input looks like JSON but does not parse: {exc.msg} at {exc.pos}") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise InputError("bad_request", 'JSON input needs a "text" string, e.g. {"id": "a1", "text": "turn on the light"}')
+        if "id" in obj:
+            if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+                raise InputError("bad_request", 'JSON input "id" must be a string or integer')
+            input_id = str(obj["id"])[:128]
+        text = obj["text"]
+    if not text.strip():
+        raise InputError("empty_input", "input text is empty")
+    return input_id, text
+
+
+class StdoutSink:
+    """One JSON line per record on stdout."""
+
+    def __init__(self, stream=None) -> None:  # noqa: ANN001
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class MqttSink:
+    """Publishes results and errors at the configured QoS; remembers what is not yet acknowledged."""
+
+    def __init__(self, link: MqttLink, topics: Topics) -> None:
+        self.link = link
+        self.topics = topics
+        self._pending: deque = deque()
+        self._lock = threading.Lock()
+
+    def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
+        topic = self.topics.result(pipeline) if kind == "result" else self.topics.error(pipeline)
+        info = self.link.publish(topic, json.dumps(record, separators=(",", ":")).encode())
+        with self._lock:
+            self._pending.append(info)
+            while self._pending and self._pending[0].is_published():
+                self._pending.popleft()
+
+    def pending(self) -> list:
+        with self._lock:
+            return [i for i in self._pending if not i.is_published()]
+
+    def close(self) -> None:
+        pass
+
+
+class Pipeline:
+    """Queue -> worker thread -> task -> sinks. Inputs are handled in arrival order."""
+
+    def __init__(
+        self,
+        name: str,
+        device_id: str,
+        task: Task,
+        seq: SeqCounter,
+        sinks: list,
+        *,
+        max_input_bytes: int = 65536,
+        queue_size: int = 1000,
+        on_record: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.device_id = device_id
+        self.task = task
+        self.seq = seq
+        self.sinks = sinks
+        self.max_input_bytes = max_input_bytes
+        self.on_record = on_record
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.counts = {"results": 0, "errors": 0}
+        self._thread = threading.Thread(target=self._work, name=f"pipeline-{name}", daemon=True)
+        self.done = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, raw: RawInput) -> None:
+        # Blocking put: back-pressure on the source rather than dropping an accepted input.
+        self.queue.put(raw)
+
+    def end(self) -> None:
+        """No more input will come: finish what is queued, then stop."""
+        self.queue.put(_END)
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is _END:
+                    return
+                self.handle(item)
+        finally:
+            self.done.set()
+
+    def handle(self, raw: RawInput) -> dict[str, Any]:
+        """Process one input synchronously; returns the record that went to the sinks."""
+        model = self.task.package.identity()
+        input_id = raw.input_id
+        try:
+            input_id, text = decode_input(raw, self.max_input_bytes)
+            output = self.task(text)
+        except InputError as exc:
+            return self._emit("error", self._error(input_id, exc.code, str(exc), model))
+        except Exception as exc:  # a bug or a runtime failure: report it, keep serving
+            log.exception("pipeline %s: inference failed", self.name)
+            return self._emit("error", self._error(input_id, "inference_failed", f"{type(exc).__name__}: {exc}", model))
+        record = {
+            "schema_version": RECORD_SCHEMA,
+            "device_id": self.device_id,
+            "pipeline": self.name,
+            "seq": self.seq.next(),
+            "ts": round(time.time(), 3),
+            "input_id": input_id,
+            "model": model,
+            "output": output,
+            "latency_ms": round((time.monotonic() - raw.received) * 1000.0, 3),
+        }
+        return self._emit("result", record)
+
+    def _error(self, input_id: str | None, code: str, message: str, model: dict[str, str]) -> dict[str, Any]:
+        return {
+            "schema_version": RECORD_SCHEMA,
+            "device_id": self.device_id,
+            "pipeline": self.name,
+            "seq": self.seq.next(),
+            "ts": round(time.time(), 3),
+            "input_id": input_id,
+            "error": code,
+            "message": message,
+            "model": model,
+        }
+
+    def _emit(self, kind: str, record: dict[str, Any]) -> dict[str, Any]:
+        self.counts["results" if kind == "result" else "errors"] += 1
+        for sink in self.sinks:
+            try:
+                sink.emit(kind, self.name, record)
+            except Exception:  # one broken sink must not take the others down
+                log.exception("pipeline %s: sink %s failed", self.name, type(sink).__name__)
+        if self.on_record is not None:
+            self.on_record(kind, record)
+        return record

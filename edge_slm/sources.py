@@ -1,0 +1,96 @@
+"""Input sources for a pipeline, built from a URL-like spec: mqtt://[TOPIC], stdin://, file://PATH.
+
+Standard library only (the MQTT source rides on the agent's MqttLink).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from edge_slm.errors import ConfigError
+
+
+@dataclass
+class RawInput:
+    """One input as it arrived: bytes, where from, and when (monotonic seconds)."""
+
+    payload: bytes
+    origin: str
+    received: float = field(default_factory=time.monotonic)
+    input_id: str | None = None
+
+
+Deliver = Callable[[RawInput], None]
+_counter = itertools.count(1)
+
+
+class MqttSource:
+    """Subscribes to a topic on the agent's link; each message is one input."""
+
+    finite = False
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    def start(self, deliver: Deliver, link) -> None:  # noqa: ANN001 - MqttLink, kept loose to avoid a cycle
+        link.subscribe(self.topic, lambda topic, payload: deliver(RawInput(payload, f"mqtt:{topic}")))
+
+    def describe(self) -> str:
+        return f"mqtt://{self.topic}"
+
+
+class LinesSource:
+    """Reads one input per line from a text stream (stdin or a file) on a thread; ends at EOF."""
+
+    finite = True
+
+    def __init__(self, name: str, opener: Callable[[], IO[bytes]]) -> None:
+        self.name = name
+        self._open = opener
+        self.thread: threading.Thread | None = None
+
+    def start(self, deliver: Deliver, on_end: Callable[[], None]) -> None:
+        def pump() -> None:
+            stream = self._open()
+            try:
+                for n, line in enumerate(stream, start=1):
+                    line = line.rstrip(b"\r\n")
+                    if line.strip():
+                        deliver(RawInput(line, f"{self.name}:{n}", input_id=f"{self.name}:{n}"))
+            finally:
+                if stream is not sys.stdin.buffer:
+                    stream.close()
+                on_end()
+
+        self.thread = threading.Thread(target=pump, name=f"source-{self.name}", daemon=True)
+        self.thread.start()
+
+    def describe(self) -> str:
+        return self.name
+
+
+def build_source(spec: str, default_topic: str) -> MqttSource | LinesSource:
+    """mqtt:// (the pipeline's input topic), mqtt://TOPIC, stdin://, file://PATH."""
+    if spec in ("mqtt", "mqtt://"):
+        return MqttSource(default_topic)
+    if spec.startswith("mqtt://"):
+        return MqttSource(spec.removeprefix("mqtt://"))
+    if spec in ("stdin", "stdin://", "-"):
+        return LinesSource("stdin", lambda: sys.stdin.buffer)
+    if spec.startswith("file://"):
+        path = Path(spec.removeprefix("file://"))
+        if not path.is_file():
+            raise ConfigError(f"source file not found: {path}")
+        return LinesSource(f"file:{path.name}", lambda: open(path, "rb"))
+    raise ConfigError(f"unknown source {spec!r}; use mqtt://[TOPIC], stdin:// or file://PATH")
+
+
+def next_input_id() -> str:
+    return f"in-{next(_counter)}"
