@@ -94,6 +94,8 @@ class Agent:
             else:
                 source.start(pipe.submit, pipe.end)
             log.info("pipeline %s: listening on %s", pipe.name, source.describe())
+        if self.link is not None:
+            self.link.announce_online()
         self._started = True
 
     @property
@@ -125,8 +127,7 @@ class Agent:
             if not pipe.join(drain_timeout):
                 log.warning("pipeline %s did not drain in %.0fs", pipe.name, drain_timeout)
         if self.link is not None:
-            pending = self._mqtt_sink.pending() if self._mqtt_sink else []
-            self.link.close(timeout=5.0, pending=pending)
+            self.link.close(timeout=5.0)
         if self.seq is not None:
             self.seq.close()
         self._started = False

@@ -104,6 +104,13 @@ class MqttLink:
         self._lock = threading.Lock()
         self.reconnects = 0
         self._ever_connected = False
+        self._online = False  # say "online" only once the agent is ready to take inputs
+        self._subacks: dict[int, threading.Event] = {}
+        # QoS>0 publishes not yet acknowledged. paho keeps them in memory and resends them after a
+        # reconnect, but its MQTTMessageInfo raises while disconnected, so acks are tracked here.
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
+        self._ack_cv = threading.Condition()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -123,6 +130,8 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
     # paho callbacks run on its network thread.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -136,10 +145,13 @@ class MqttLink:
         else:
             log.info("connected to %s", self.address.url)
         self._ever_connected = True
-        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        # Subscribe before saying online: the broker handles one client's packets in order, so
+        # whoever sees "online" can publish inputs without racing the subscription.
         with self._lock:
             for topic in self._subs:
                 client.subscribe(topic, qos=1)
+            if self._online:
+                client.publish(self.topics.status, b"online", qos=1, retain=True)
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
@@ -157,11 +169,31 @@ class MqttLink:
         if handler is not None:
             handler(msg.topic, msg.payload)
 
-    def subscribe(self, topic: str, handler: MessageHandler) -> None:
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        with self._lock:
+            ev = self._subacks.pop(mid, None)
+        if ev is not None:
+            ev.set()
+
+    def subscribe(self, topic: str, handler: MessageHandler, timeout: float = 10.0) -> None:
+        """Route messages on topic to handler; waits for the broker's SUBACK when connected."""
         with self._lock:
             self._subs[topic] = handler
-        if self._connected.is_set():
-            self.client.subscribe(topic, qos=1)
+            if not self._connected.is_set():
+                return  # on_connect subscribes
+            ev = threading.Event()
+            rc, mid = self.client.subscribe(topic, qos=1)
+            if mid is not None:
+                self._subacks[mid] = ev
+        if rc == paho.MQTT_ERR_SUCCESS and not ev.wait(timeout):
+            log.warning("no SUBACK for %s within %.0fs", topic, timeout)
+
+    def announce_online(self) -> None:
+        """Publish the retained 'online' status now and after every reconnect."""
+        with self._lock:
+            self._online = True
+            if self._connected.is_set():
+                self.client.publish(self.topics.status, b"online", qos=1, retain=True)
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect and wait for CONNACK; BrokerError with the reason if that does not happen in time."""
@@ -186,25 +218,53 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def publish(self, topic: str, payload: bytes, *, qos: int | None = None, retain: bool = False) -> paho.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=self.qos if qos is None else qos, retain=retain)
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # noqa: ANN001
+        with self._ack_cv:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._acked_early.add(mid)
+            self._ack_cv.notify_all()
 
-    def close(self, timeout: float = 5.0, pending: list[paho.MQTTMessageInfo] | None = None) -> None:
-        """Say 'offline' (retained), wait for outstanding QoS 1 acks, disconnect."""
+    def publish(self, topic: str, payload: bytes, *, qos: int | None = None, retain: bool = False) -> int:
+        """Queue a message (kept by paho across reconnects for QoS>0); returns its message id."""
+        qos = self.qos if qos is None else qos
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            raise BrokerError("MQTT client queue is full")
+        if qos > 0:
+            with self._ack_cv:
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._unacked.add(info.mid)
+        return info.mid
+
+    @property
+    def unacked(self) -> int:
+        with self._ack_cv:
+            return len(self._unacked)
+
+    def wait_acked(self, timeout: float) -> bool:
+        """Wait until every QoS>0 publish so far is acknowledged; False on timeout."""
         deadline = time.monotonic() + timeout
-        for info in pending or []:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if not info.is_published():
-                try:
-                    info.wait_for_publish(left)
-                except (RuntimeError, ValueError):
-                    pass
-        info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
-        try:
-            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        except (RuntimeError, ValueError):
-            pass
+        with self._ack_cv:
+            while self._unacked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ack_cv.wait(min(left, 0.1))
+            return True
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Wait for outstanding acks, say 'offline' (retained), disconnect. False if acks were missing."""
+        deadline = time.monotonic() + timeout
+        acked = self.wait_acked(timeout)
+        if not acked:
+            log.warning("%d results were not acknowledged by %s before shutdown", self.unacked, self.address.url)
+        if self.connected:
+            self.publish(self.topics.status, b"offline", qos=1, retain=True)
+            self.wait_acked(max(0.1, deadline - time.monotonic()))
         self.client.disconnect()
         self.client.loop_stop()
+        return acked

@@ -11,7 +11,6 @@ import queue
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +27,13 @@ _END = object()
 
 
 def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
-    """Payload bytes -> (input_id, text). UTF-8 text, or JSON {"text": ..., "id": ...}."""
-    input_id = raw.input_id or next_input_id()
+    """Payload bytes -> (input_id, text). UTF-8 text, or JSON {"text": ..., "id": ...}.
+
+    Sets raw.input_id as soon as it is known, so an error record can still name the input.
+    """
+    if raw.input_id is None:
+        raw.input_id = next_input_id()
+    input_id = raw.input_id
     if len(raw.payload) > max_bytes:
         raise InputError("input_too_long", f"input is {len(raw.payload)} bytes; the limit is {max_bytes} (max_input_bytes)")
     try:
@@ -47,7 +51,7 @@ def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
         if "id" in obj:
             if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
                 raise InputError("bad_request", 'JSON input "id" must be a string or integer')
-            input_id = str(obj["id"])[:128]
+            input_id = raw.input_id = str(obj["id"])[:128]
         text = obj["text"]
     if not text.strip():
         raise InputError("empty_input", "input text is empty")
@@ -72,25 +76,15 @@ class StdoutSink:
 
 
 class MqttSink:
-    """Publishes results and errors at the configured QoS; remembers what is not yet acknowledged."""
+    """Publishes results and errors at the configured QoS; the link tracks acknowledgements."""
 
     def __init__(self, link: MqttLink, topics: Topics) -> None:
         self.link = link
         self.topics = topics
-        self._pending: deque = deque()
-        self._lock = threading.Lock()
 
     def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
         topic = self.topics.result(pipeline) if kind == "result" else self.topics.error(pipeline)
-        info = self.link.publish(topic, json.dumps(record, separators=(",", ":")).encode())
-        with self._lock:
-            self._pending.append(info)
-            while self._pending and self._pending[0].is_published():
-                self._pending.popleft()
-
-    def pending(self) -> list:
-        with self._lock:
-            return [i for i in self._pending if not i.is_published()]
+        self.link.publish(topic, json.dumps(record, separators=(",", ":")).encode())
 
     def close(self) -> None:
         pass
@@ -151,15 +145,14 @@ class Pipeline:
     def handle(self, raw: RawInput) -> dict[str, Any]:
         """Process one input synchronously; returns the record that went to the sinks."""
         model = self.task.package.identity()
-        input_id = raw.input_id
         try:
             input_id, text = decode_input(raw, self.max_input_bytes)
             output = self.task(text)
         except InputError as exc:
-            return self._emit("error", self._error(input_id, exc.code, str(exc), model))
+            return self._emit("error", self._error(raw.input_id, exc.code, str(exc), model))
         except Exception as exc:  # a bug or a runtime failure: report it, keep serving
             log.exception("pipeline %s: inference failed", self.name)
-            return self._emit("error", self._error(input_id, "inference_failed", f"{type(exc).__name__}: {exc}", model))
+            return self._emit("error", self._error(raw.input_id, "inference_failed", f"{type(exc).__name__}: {exc}", model))
         record = {
             "schema_version": RECORD_SCHEMA,
             "device_id": self.device_id,
