@@ -123,6 +123,7 @@ def _load_saved_model(p: Path) -> SourceModel:
     # Re-export with a batch-1 signature: from_saved_model then sees fixed shapes. (from_concrete_functions
     # was measured to produce a silently broken model, so it is never used.)
     module = t.Module()
+    module.loaded = loaded  # tracks the variables the signature captures
     module.sig = sig
     tensor_specs = [t.TensorSpec((1, *shape), t.as_dtype(dtype), name=n) for n, (shape, dtype) in zip(names, specs)]
 

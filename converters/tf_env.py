@@ -46,7 +46,13 @@ class silenced:
         import sys
         import tempfile
 
+        import contextlib
+        import io
+
         console()
+        # Python-level prints (Keras export) go to sys.stdout, which is not always fd 1 (pytest, IDEs).
+        self._py = contextlib.redirect_stdout(io.StringIO())
+        self._py.__enter__()
         sys.stdout.flush()
         sys.stderr.flush()
         self._file = tempfile.TemporaryFile(mode="w+b")
@@ -68,3 +74,4 @@ class silenced:
         self._file.seek(0)
         self.tail = self._file.read()[-4000:].decode("utf-8", "replace")
         self._file.close()
+        self._py.__exit__(None, None, None)
