@@ -150,6 +150,131 @@ def _try(recipe: str, src: SourceModel, calib, ev, labels, reference, min_agreem
     return attempt
 
 
+def search_recipes(
+    src: SourceModel,
+    calib: list[np.ndarray] | None,
+    ev: list[np.ndarray],
+    ev_labels: np.ndarray | None,
+    quantize: str,
+    min_agreement: float,
+    min_cosine: float,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[list[Attempt], Attempt, Attempt, str]:
+    """Convert with each wanted recipe and gate it; returns (attempts, float baseline, chosen, reason)."""
+    wanted = AUTO_ORDER if quantize == "auto" else (quantize,)
+    say(f"float reference on {len(ev[0])} eval examples")
+    reference = src.predict(ev)
+    bar = _tqdm_progress(progress)
+    baseline = _try("float32", src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar)
+    if baseline.error:
+        raise ConversionError(f"the float model does not convert to TFLite: {baseline.error}")
+    attempts = [baseline] if quantize == "float32" else []
+    for recipe in wanted:
+        if recipe == "float32":
+            break
+        say(f"trying {recipe}: {_recipes.DESCRIPTIONS[recipe]}")
+        a = _try(recipe, src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar)
+        attempts.append(a)
+        verdict = "passes" if a.passed else ("fails: " + (a.error or f"{a.gate['metric']} {a.gate['value']} < {a.gate['min']}"))
+        say(f"  {recipe}: {a.size_bytes / 1024:.1f} KiB, {verdict}")
+    chosen, reason = choose(attempts, quantize, baseline, min_agreement, min_cosine)
+    return attempts, baseline, chosen, reason
+
+
+def choose(attempts: list[Attempt], quantize: str, baseline: Attempt, min_agreement: float,
+           min_cosine: float) -> tuple[Attempt, str]:
+    """The smallest recipe that passed; among those within 10% of it in size, the fastest.
+
+    Full int8 is often no smaller than dynamic range for transformers yet 2-3x slower on x86, so
+    size alone would pick the worse model.
+    """
+    passing = [a for a in attempts if a.passed]
+    if not passing:
+        classifier = "top1_agreement" in baseline.report
+        raise GateError(
+            f"no recipe met the gate ({'top-1 agreement' if classifier else 'mean cosine'} "
+            f">= {min_agreement if classifier else min_cosine}); nothing was written. "
+            "Try --quantize dynamic or float16, more --calib data, or a lower --min-agreement",
+            attempts,
+            baseline,
+        )
+    smallest = min(passing, key=lambda a: a.size_bytes)
+    near = [a for a in passing if a.size_bytes <= smallest.size_bytes * 1.10]
+    chosen = min(near, key=lambda a: a.latency_ms)
+    if quantize != "auto":
+        return chosen, f"{chosen.recipe} was asked for and passed the gate"
+    reason = f"{chosen.recipe} is the smallest recipe that passed the gate"
+    if chosen is not smallest:
+        reason = (f"{chosen.recipe} passed the gate, is within 10% of the smallest ({smallest.recipe}) "
+                  f"and {smallest.latency_ms / max(chosen.latency_ms, 1e-9):.1f}x faster")
+    failed = [a.recipe for a in attempts if not a.passed]
+    if failed:
+        reason += f" ({', '.join(failed)} did not pass)"
+    return chosen, reason
+
+
+def build_manifest(
+    *,
+    src: SourceModel,
+    chosen: Attempt,
+    baseline: Attempt,
+    attempts: list[Attempt],
+    reason: str,
+    quantize: str,
+    task: str,
+    name: str,
+    version: str,
+    source_path: Path,
+    labels: list[str] | None,
+    preprocessing: dict[str, Any],
+    eval_examples: int,
+) -> dict[str, Any]:
+    info = describe(chosen.model_bytes)
+    probe = runtime.load(content=chosen.model_bytes)
+    return {
+        "schema_version": 1,
+        "name": name,
+        "version": version,
+        "task": task,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "sha256": "0" * 64,
+        "source": {"path": source_path.name, "format": src.format, "sha256": src.sha256()},
+        "quantization": {
+            "recipe": chosen.recipe,
+            "requested": quantize,
+            "description": _recipes.DESCRIPTIONS[chosen.recipe],
+            "float_ops": info["float_ops"],
+            "reason": reason,
+        },
+        "inputs": [t.to_json() for t in probe.inputs],
+        "outputs": [t.to_json() for t in probe.outputs],
+        "preprocessing": preprocessing,
+        "labels": list(labels or []),
+        "validation": {
+            "eval_examples": eval_examples,
+            "gate": chosen.gate,
+            "float": {k: v for k, v in baseline.report.items() if k in ("accuracy_float", "n")} | {
+                "size_bytes": baseline.size_bytes, "latency_ms": round(baseline.latency_ms, 4)},
+            "quantized": chosen.report | {"size_bytes": chosen.size_bytes, "latency_ms": round(chosen.latency_ms, 4)},
+            "tried": [a.to_json() for a in attempts],
+        },
+        "min_runtime": {"ops": info["ops"]},
+    }
+
+
+def check_common(quantize: str, task: str | None, calib: object, tokenizer: object) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConversionError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    if task is not None and task not in TASKS:
+        raise ConversionError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    wanted = AUTO_ORDER if quantize == "auto" else (quantize,)
+    if calib is None and any(r.startswith("int8") for r in wanted):
+        raise ConversionError(f"--quantize {quantize} needs calibration data: --calib CALIB.npz (a few hundred typical inputs)")
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise ConversionError(f"tokenizer not found: {tokenizer}")
+
+
 def convert_model(
     model: str | Path,
     out: str | Path,
@@ -167,22 +292,28 @@ def convert_model(
     preprocessing: dict[str, Any] | None = None,
     progress: bool = True,
     say: Callable[[str], None] = lambda s: None,
+    **checkpoint_options: Any,
 ) -> ConversionResult:
-    """Convert MODEL into a package at OUT; raise GateError (nothing written) when no recipe passes."""
-    if quantize not in QUANTIZE_CHOICES:
-        raise ConversionError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise ConversionError(f"tokenizer not found: {tokenizer}")
+    """Convert MODEL (.keras, SavedModel dir or transformer checkpoint dir) into a package at OUT.
+
+    Raises GateError (nothing written) when no recipe passes.
+    """
+    from converters.checkpoint.loader import is_checkpoint
+
+    if is_checkpoint(Path(model)):
+        from converters.convert_checkpoint import convert_checkpoint
+
+        return convert_checkpoint(model, out, calib=calib, eval_data=eval_data, quantize=quantize,
+                                  min_agreement=min_agreement, min_cosine=min_cosine, name=name, version=version,
+                                  progress=progress, say=say, **checkpoint_options)
+    if checkpoint_options:
+        raise ConversionError(f"{', '.join(checkpoint_options)} only apply to transformer checkpoints")
+    check_common(quantize, task, calib, tokenizer)
     task = task or ("text-classification" if tokenizer else None)
     if task is None:
         raise ConversionError(f"say what the model does with --task ({', '.join(TASKS)})")
-    if task not in TASKS:
-        raise ConversionError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if task == "text-classification" and tokenizer is None:
         raise ConversionError("text-classification needs the tokenizer: --tokenizer tokenizer.json")
-    wanted = AUTO_ORDER if quantize == "auto" else (quantize,)
-    if calib is None and any(r.startswith("int8") for r in wanted):
-        raise ConversionError(f"--quantize {quantize} needs calibration data: --calib CALIB.npz (a few hundred typical inputs)")
 
     say(f"loading {model}")
     with silenced():
@@ -191,43 +322,9 @@ def convert_model(
     ev, ev_labels = load_npz(eval_data, src, "eval")
     if ev_labels is not None and labels and (ev_labels.min() < 0 or ev_labels.max() >= len(labels)):
         raise ConversionError(f"{eval_data}: labels outside 0..{len(labels) - 1}")
-    say(f"float reference on {len(ev[0])} eval examples")
-    reference = src.predict(ev)
-    bar = _tqdm_progress(progress)
+    attempts, baseline, chosen, reason = search_recipes(
+        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say)
 
-    baseline = _try("float32", src, calib_arrays, ev, ev_labels, reference, min_agreement, min_cosine, bar)
-    if baseline.error:
-        raise ConversionError(f"the float model does not convert to TFLite: {baseline.error}")
-    attempts = [baseline] if quantize == "float32" else []
-    for recipe in wanted:
-        if recipe == "float32":
-            break
-        say(f"trying {recipe}: {_recipes.DESCRIPTIONS[recipe]}")
-        a = _try(recipe, src, calib_arrays, ev, ev_labels, reference, min_agreement, min_cosine, bar)
-        attempts.append(a)
-        verdict = "passes" if a.passed else ("fails: " + (a.error or f"{a.gate['metric']} {a.gate['value']} < {a.gate['min']}"))
-        say(f"  {recipe}: {a.size_bytes / 1024:.1f} KiB, {verdict}")
-
-    passing = [a for a in attempts if a.passed]
-    if not passing:
-        raise GateError(
-            f"no recipe met the gate ({'top-1 agreement' if 'top1_agreement' in baseline.report else 'mean cosine'} "
-            f">= {min_agreement if 'top1_agreement' in baseline.report else min_cosine}); nothing was written. "
-            "Try --quantize dynamic or float16, more --calib data, or a lower --min-agreement",
-            attempts,
-            baseline,
-        )
-    chosen = min(passing, key=lambda a: a.size_bytes)
-    if quantize == "auto":
-        failed = [a.recipe for a in attempts if not a.passed]
-        reason = f"{chosen.recipe} is the smallest recipe that passed the gate"
-        if failed:
-            reason += f" ({', '.join(failed)} did not)"
-    else:
-        reason = f"{chosen.recipe} was asked for and passed the gate"
-
-    info = describe(chosen.model_bytes)
-    probe = runtime.load(content=chosen.model_bytes)
     extra: dict[str, bytes] = {}
     if tokenizer is not None:
         extra[TOKENIZER_FILE] = Path(tokenizer).read_bytes()
@@ -236,34 +333,8 @@ def convert_model(
     prep = dict(preprocessing or {})
     if task == "text-classification":
         prep.setdefault("max_length", int(src.input_specs[0][0][-1]))
-    manifest = {
-        "schema_version": 1,
-        "name": name or Path(model).stem,
-        "version": version,
-        "task": task,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "sha256": "0" * 64,
-        "source": {"path": str(Path(model).name), "format": src.format, "sha256": src.sha256()},
-        "quantization": {
-            "recipe": chosen.recipe,
-            "requested": quantize,
-            "description": _recipes.DESCRIPTIONS[chosen.recipe],
-            "float_ops": info["float_ops"],
-            "reason": reason,
-        },
-        "inputs": [t.to_json() for t in probe.inputs],
-        "outputs": [t.to_json() for t in probe.outputs],
-        "preprocessing": prep,
-        "labels": list(labels or []),
-        "validation": {
-            "eval_examples": len(ev[0]),
-            "gate": chosen.gate,
-            "float": {k: v for k, v in baseline.report.items() if k in ("accuracy_float", "n")} | {
-                "size_bytes": baseline.size_bytes, "latency_ms": round(baseline.latency_ms, 4)},
-            "quantized": chosen.report | {"size_bytes": chosen.size_bytes, "latency_ms": round(chosen.latency_ms, 4)},
-            "tried": [a.to_json() for a in attempts],
-        },
-        "min_runtime": {"ops": info["ops"]},
-    }
+    manifest = build_manifest(src=src, chosen=chosen, baseline=baseline, attempts=attempts, reason=reason,
+                              quantize=quantize, task=task, name=name or Path(model).stem, version=version,
+                              source_path=Path(model), labels=labels, preprocessing=prep, eval_examples=len(ev[0]))
     package = write_package(out, chosen.model_bytes, manifest, extra)
     return ConversionResult(package, chosen.recipe, reason, attempts, baseline)

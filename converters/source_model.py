@@ -40,7 +40,11 @@ class SourceModel:
             outs.append([np.asarray(r) for r in res])
         return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
 
+    _sha: str | None = None
+
     def sha256(self) -> str:
+        if self._sha is not None:
+            return self._sha
         h = hashlib.sha256()
         files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())
         for f in files:
@@ -56,24 +60,27 @@ def load_source_model(path: str | Path) -> SourceModel:
         return _load_keras(p)
     if p.is_dir() and (p / "saved_model.pb").is_file():
         return _load_saved_model(p)
-    if p.is_dir() and (p / "config.json").is_file():
-        raise ConversionError(f"{p} is a transformer checkpoint; checkpoint import is not in this version yet")
     raise ConversionError(f"{p}: expected a Keras 3 .keras file or a SavedModel directory (with saved_model.pb)")
 
 
 def _load_keras(p: Path) -> SourceModel:
-    t = tf()
-    keras = t.keras
+    keras = tf().keras
     try:
         model = keras.models.load_model(p, compile=False)
     except Exception as exc:
         raise ConversionError(f"{p}: Keras could not load it ({type(exc).__name__}: {exc})") from exc
+    return source_from_keras(model, p, "keras")
+
+
+def source_from_keras(model: Any, path: Path, fmt: str = "keras", sha256: str | None = None) -> SourceModel:
+    """Wrap an in-memory Keras model: batch-1 copy for the converter, batched calls for the reference."""
+    keras = tf().keras
     try:
         model_inputs = list(model.inputs)
     except (AttributeError, ValueError):
         model_inputs = []
     if not model_inputs:
-        raise ConversionError(f"{p}: the model has no defined inputs; save a functional or Sequential model built on keras.Input")
+        raise ConversionError(f"{path}: the model has no defined inputs; save a functional or Sequential model built on keras.Input")
     fixed_inputs = []
     specs = []
     names = []
@@ -81,14 +88,15 @@ def _load_keras(p: Path) -> SourceModel:
         shape = tuple(t_in.shape[1:])
         if any(d is None for d in shape):
             raise ConversionError(
-                f"{p}: input {i} has a variable dimension {tuple(t_in.shape)}; edge devices need fixed shapes, "
+                f"{path}: input {i} has a variable dimension {tuple(t_in.shape)}; edge devices need fixed shapes, "
                 "rebuild the model with keras.Input(shape=(LENGTH, ...))"
             )
         dtype = np.dtype(t_in.dtype)
         name = getattr(t_in, "name", None) or f"input_{i}"
         names.append(name)
         specs.append((tuple(int(d) for d in shape), dtype))
-        fixed_inputs.append(keras.Input(shape=shape, batch_size=1, dtype=str(dtype), name=f"in_{i}"))
+        # keep the user's input names: they become the TFLite signature's input names
+        fixed_inputs.append(keras.Input(shape=shape, batch_size=1, dtype=str(dtype), name=name))
     out = model(fixed_inputs if len(fixed_inputs) > 1 else fixed_inputs[0])
     fixed = keras.Model(fixed_inputs, out)
 
@@ -96,7 +104,10 @@ def _load_keras(p: Path) -> SourceModel:
         res = model(chunk if len(chunk) > 1 else chunk[0], training=False)
         return [np.asarray(r) for r in (res if isinstance(res, (list, tuple)) else [res])]
 
-    return SourceModel(p, "keras", names, specs, keras_model=fixed, _fn=fn)
+    src = SourceModel(path, fmt, names, specs, keras_model=fixed, _fn=fn)
+    if sha256 is not None:
+        src._sha = sha256
+    return src
 
 
 def _load_saved_model(p: Path) -> SourceModel:

@@ -43,11 +43,10 @@ class silenced:
     """
 
     def __enter__(self) -> silenced:
-        import sys
-        import tempfile
-
         import contextlib
         import io
+        import sys
+        import tempfile
 
         console()
         # Python-level prints (Keras export) go to sys.stdout, which is not always fd 1 (pytest, IDEs).

@@ -91,7 +91,10 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         raise TypeError("unions are not used in config schemas")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {key} is too large, got {value!r}") from None
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be {_describe(typ)}, got {type(value).__name__} {value!r}")
     return value
@@ -115,14 +118,14 @@ def _build(cls: Any, data: dict[str, Any], prefix: str, where: str) -> Any:
 
 
 def _check(cfg: AgentConfig, where: str) -> None:
-    if not _NAME.match(cfg.device_id):
+    if not _NAME.fullmatch(cfg.device_id):
         raise ConfigError(f"{where}: device_id {cfg.device_id!r} must be 1-64 letters, digits, '_', '-' or '.'")
     if not cfg.pipelines:
         raise ConfigError(f"{where}: pipelines must list at least one pipeline ([[pipelines]])")
     seen = set()
     for i, p in enumerate(cfg.pipelines):
         key = f"pipelines[{i}]"
-        if not _NAME.match(p.name):
+        if not _NAME.fullmatch(p.name):
             raise ConfigError(f"{where}: {key}.name {p.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
         if p.name in seen:
             raise ConfigError(f"{where}: {key}.name {p.name!r} is used twice")
@@ -152,8 +155,8 @@ def _check(cfg: AgentConfig, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.qos must be 0, 1 or 2")
     if not 5 <= m.keepalive <= 3600:
         raise ConfigError(f"{where}: mqtt.keepalive must be 5-3600 seconds")
-    if m.connect_timeout_s <= 0:
-        raise ConfigError(f"{where}: mqtt.connect_timeout_s must be positive")
+    if not 0 < m.connect_timeout_s < float("inf"):  # also refuses TOML nan
+        raise ConfigError(f"{where}: mqtt.connect_timeout_s must be a positive number")
     if not m.topic_prefix or any(c in m.topic_prefix for c in "#+") or m.topic_prefix.endswith("/"):
         raise ConfigError(f"{where}: mqtt.topic_prefix {m.topic_prefix!r} must be non-empty, without # + or a trailing /")
     if cfg.runtime not in ("", "ai-edge-litert", "tflite-runtime", "tensorflow"):
@@ -169,13 +172,16 @@ def agent_config_from_dict(data: dict[str, Any], where: str = "<config>", base_d
     cfg: AgentConfig = _build(AgentConfig, data, "", where)
     _check(cfg, where)
     if base_dir is not None:
-        cfg = _resolve_paths(cfg, base_dir)
+        cfg = _resolve_paths(cfg, base_dir, where)
     return cfg
 
 
-def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+def _resolve_paths(cfg: AgentConfig, base: Path, where: str) -> AgentConfig:
     def res(p: str) -> str:
-        path = Path(p).expanduser()
+        try:
+            path = Path(p).expanduser()
+        except RuntimeError as exc:  # ~user that does not exist, or no home directory
+            raise ConfigError(f"{where}: cannot expand {p!r}: {exc}") from exc
         return str(path if path.is_absolute() else (base / path))
 
     pipes = []

@@ -185,7 +185,10 @@ def _unpack(archive: Path) -> Path:
         for member in tar.getmembers():
             if member.name.startswith("/") or ".." in Path(member.name).parts or not (member.isfile() or member.isdir()):
                 raise ModelError(f"{archive}: refusing unsafe archive member {member.name!r}")
-        tar.extractall(dest.parent, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest.parent, filter="data")
+        else:  # pragma: no cover - Python 3.11.2 (Pi OS bookworm) and older 3.10 lack filter=
+            tar.extractall(dest.parent)
     return dest
 
 

@@ -46,12 +46,21 @@ def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
             obj = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise InputError("bad_json", f"input looks like JSON but does not parse: {exc.msg} at {exc.pos}") from exc
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, or nesting too deep
+            raise InputError("bad_json", f"input JSON is not acceptable: {type(exc).__name__}") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError("bad_request", 'JSON input needs a "text" string, e.g. {"id": "a1", "text": "turn on the light"}')
         if "id" in obj:
             if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
                 raise InputError("bad_request", 'JSON input "id" must be a string or integer')
-            input_id = raw.input_id = str(obj["id"])[:128]
+            input_id = str(obj["id"])[:128]
+            try:
+                input_id.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InputError("bad_request", 'JSON input "id" is not valid Unicode') from exc
+            if input_id:  # an empty id is no id: keep the generated one
+                raw.input_id = input_id
+            input_id = raw.input_id
         text = obj["text"]
     if not text.strip():
         raise InputError("empty_input", "input text is empty")
@@ -66,7 +75,7 @@ class StdoutSink:
         self._lock = threading.Lock()
 
     def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        line = json.dumps(record, separators=(",", ":"))
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()

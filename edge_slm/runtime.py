@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 BACKENDS: dict[str, str] = {
     "ai-edge-litert": "ai_edge_litert.interpreter",
     "tflite-runtime": "tflite_runtime.interpreter",
-    "tensorflow": "tensorflow.lite",
+    # Not "tensorflow.lite": importing that path gives the bare package, which has no Interpreter.
+    "tensorflow": "tensorflow.lite.python.interpreter",
 }
 
 
@@ -154,6 +155,36 @@ class Model:
         raw = self._interp.get_tensor(info.index)
         return dequantize(raw, info) if info.quantized else raw.copy()
 
+    def input_position(self, name: str) -> int:
+        """Index in self.inputs of the input called name ("input_ids" finds "serving_default_input_ids:0")."""
+        for i, info in enumerate(self.inputs):
+            bare = info.name.split(":")[0].removeprefix("serving_default_")
+            if bare == name:
+                return i
+        raise ModelError(f"model has no input named {name!r} (inputs: {[t.name for t in self.inputs]})")
+
+    def run_named(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        """Like run(), with inputs given by name; converters order TFLite inputs alphabetically."""
+        ordered: list[np.ndarray | None] = [None] * len(self.inputs)
+        for name, value in inputs.items():
+            ordered[self.input_position(name)] = value
+        missing = [self.inputs[i].name for i, v in enumerate(ordered) if v is None]
+        if missing:
+            raise InputError("bad_input_count", f"missing model inputs {missing}")
+        return self.run(*ordered)  # type: ignore[arg-type]
+
+    def signature_names(self) -> list[str]:
+        try:
+            return sorted(self._interp.get_signature_list())
+        except AttributeError:
+            return []
+
+    def signature(self, name: str) -> SignatureRunner:
+        """A callable for one of the model's signatures (e.g. a decoder's prefill and decode)."""
+        if name not in self.signature_names():
+            raise ModelError(f"model has no signature {name!r} (has: {self.signature_names()})")
+        return SignatureRunner(self._interp.get_signature_runner(name), name)
+
     def invoke_raw(self) -> None:
         """Invoke on whatever the input tensors hold now (for benchmarks)."""
         self._interp.invoke()
@@ -165,6 +196,29 @@ class Model:
         except AttributeError:
             return []
         return sorted({op["op_name"] for op in ops})
+
+
+class SignatureRunner:
+    """Named inputs in, named outputs out, for one signature; checks names and shapes first."""
+
+    def __init__(self, runner: Any, name: str) -> None:
+        self._runner = runner
+        self.name = name
+        self.inputs = {k: _tensor_info(v) for k, v in runner.get_input_details().items()}
+        self.outputs = {k: _tensor_info(v) for k, v in runner.get_output_details().items()}
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if set(inputs) != set(self.inputs):
+            raise InputError("bad_input_count", f"signature {self.name} takes {sorted(self.inputs)}, got {sorted(inputs)}")
+        feed = {}
+        for key, value in inputs.items():
+            info = self.inputs[key]
+            arr = np.asarray(value)
+            if arr.shape != info.shape:
+                raise InputError("bad_shape", f"{self.name}.{key} expects shape {list(info.shape)}, got {list(arr.shape)}")
+            feed[key] = quantize(arr, info) if info.quantized and np.issubdtype(arr.dtype, np.floating) else arr.astype(info.dtype)
+        out = self._runner(**feed)
+        return {k: dequantize(v, self.outputs[k]) if self.outputs[k].quantized else v for k, v in out.items()}
 
 
 def load(

@@ -49,6 +49,13 @@ class SeqCounter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # The rename is only durable once the directory is synced; without it a power cut could
+        # bring back the previous (lower) reservation and numbers would repeat.
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         self._reserved = upto
 
     def next(self) -> int:

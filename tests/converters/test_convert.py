@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from converters.convert import GateError, convert_model
+from converters.convert import convert_model
 from edge_slm import runtime
 from edge_slm.errors import ConversionError
 from edge_slm.package import ModelPackage
