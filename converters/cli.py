@@ -51,12 +51,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if out is not None and not args.json:
             print(msg, file=out)
 
+    options = {k: getattr(args, k) for k in ("head", "max_length", "prefill_len", "max_cache", "min_lm_agreement")
+               if getattr(args, k, None) is not None}
     try:
         result: ConversionResult = convert_model(
             args.model, args.output, calib=args.calib, eval_data=args.eval, quantize=args.quantize,
             min_agreement=args.min_agreement, min_cosine=args.min_cosine, task=args.task, name=args.name,
             version=args.pkg_version, tokenizer=args.tokenizer, labels=labels, progress=not args.quiet and not args.json,
-            say=say,
+            say=say, **options,
         )
     except GateError as exc:
         if args.json:

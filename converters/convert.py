@@ -131,7 +131,11 @@ def _tqdm_progress(enabled: bool) -> Callable[[int, str], Callable[[], None]] | 
     return factory
 
 
-def _try(recipe: str, src: SourceModel, calib, ev, labels, reference, min_agreement, min_cosine, progress) -> Attempt:  # noqa: ANN001
+CLASSIFIER_TASKS = ("text-classification", "sensor-classification", "keyword-spotting")
+
+
+def _try(recipe: str, src: SourceModel, calib, ev, labels, reference, min_agreement, min_cosine, progress,  # noqa: ANN001
+         classifier: bool | None = None) -> Attempt:
     attempt = Attempt(recipe)
     try:
         attempt.model_bytes = _recipes.convert(src, recipe, calib, progress)
@@ -141,11 +145,11 @@ def _try(recipe: str, src: SourceModel, calib, ev, labels, reference, min_agreem
     attempt.size_bytes = len(attempt.model_bytes)
     tick = progress(len(ev[0]), f"validating {recipe}") if progress else None
     try:
-        outputs, attempt.latency_ms = run_tflite(attempt.model_bytes, ev, tick)
+        outputs, attempt.latency_ms = run_tflite(attempt.model_bytes, ev, tick, src.input_names)
     except Exception as exc:  # a model that converts but cannot run is a failed recipe, not a crash
         attempt.error = f"recipe {recipe} converted but does not run: {exc}"
         return attempt
-    attempt.report = compare(reference[0], outputs[0], labels)
+    attempt.report = compare(reference[0], outputs[0], labels, classifier)
     attempt.gate = gate(attempt.report, min_agreement, min_cosine)
     return attempt
 
@@ -160,13 +164,15 @@ def search_recipes(
     min_cosine: float,
     progress: bool,
     say: Callable[[str], None],
+    task: str | None = None,
 ) -> tuple[list[Attempt], Attempt, Attempt, str]:
     """Convert with each wanted recipe and gate it; returns (attempts, float baseline, chosen, reason)."""
     wanted = AUTO_ORDER if quantize == "auto" else (quantize,)
     say(f"float reference on {len(ev[0])} eval examples")
     reference = src.predict(ev)
     bar = _tqdm_progress(progress)
-    baseline = _try("float32", src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar)
+    classifier = None if task is None else task in CLASSIFIER_TASKS
+    baseline = _try("float32", src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar, classifier)
     if baseline.error:
         raise ConversionError(f"the float model does not convert to TFLite: {baseline.error}")
     attempts = [baseline] if quantize == "float32" else []
@@ -174,7 +180,7 @@ def search_recipes(
         if recipe == "float32":
             break
         say(f"trying {recipe}: {_recipes.DESCRIPTIONS[recipe]}")
-        a = _try(recipe, src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar)
+        a = _try(recipe, src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar, classifier)
         attempts.append(a)
         verdict = "passes" if a.passed else ("fails: " + (a.error or f"{a.gate['metric']} {a.gate['value']} < {a.gate['min']}"))
         say(f"  {recipe}: {a.size_bytes / 1024:.1f} KiB, {verdict}")
@@ -323,7 +329,7 @@ def convert_model(
     if ev_labels is not None and labels and (ev_labels.min() < 0 or ev_labels.max() >= len(labels)):
         raise ConversionError(f"{eval_data}: labels outside 0..{len(labels) - 1}")
     attempts, baseline, chosen, reason = search_recipes(
-        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say)
+        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say, task)
 
     extra: dict[str, bytes] = {}
     if tokenizer is not None:

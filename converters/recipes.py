@@ -29,7 +29,7 @@ ProgressFactory = Callable[[int, str], Callable[[], None]]
 
 def _converter(src: SourceModel):  # noqa: ANN202
     t = tf()
-    if src.format == "keras":
+    if src.keras_model is not None:
         conv = t.lite.TFLiteConverter.from_keras_model(src.keras_model)
     else:
         conv = t.lite.TFLiteConverter.from_saved_model(str(src.saved_model_dir))

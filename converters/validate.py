@@ -23,8 +23,12 @@ def run_tflite(
     model_bytes: bytes,
     inputs: list[np.ndarray],
     tick: Callable[[], None] | None = None,
+    names: list[str] | None = None,
 ) -> tuple[list[np.ndarray], float]:
-    """All examples through the interpreter one at a time; returns (outputs, median invoke ms)."""
+    """All examples through the interpreter one at a time; returns (outputs, median invoke ms).
+
+    With several inputs, names says which is which (TFLite orders them alphabetically).
+    """
     with silenced():  # the runtime's one-time XNNPACK notice
         model = runtime.load(content=model_bytes, threads=1)
     n = len(inputs[0])
@@ -32,7 +36,10 @@ def run_tflite(
     times = []
     for i in range(n):
         t0 = time.perf_counter()
-        res = model.run(*[x[i : i + 1] for x in inputs])
+        if names and len(names) > 1:
+            res = model.run_named(**{n: x[i : i + 1] for n, x in zip(names, inputs)})
+        else:
+            res = model.run(*[x[i : i + 1] for x in inputs])
         times.append(time.perf_counter() - t0)
         for j, r in enumerate(res):
             outs[j].append(r.reshape(r.shape[1:]) if r.shape[:1] == (1,) else r)
@@ -45,6 +52,7 @@ def compare(
     reference: np.ndarray,
     candidate: np.ndarray,
     labels: np.ndarray | None = None,
+    classifier: bool | None = None,
 ) -> dict[str, Any]:
     """Agreement, accuracy, cosine and error of the first output; all floats rounded for the manifest."""
     ref = reference.reshape(len(reference), -1).astype(np.float64)
@@ -61,7 +69,9 @@ def compare(
     err = np.abs(ref - cand)
     report["max_abs_error"] = round(float(np.max(err)), 6)
     report["mean_abs_error"] = round(float(np.mean(err)), 6)
-    if is_classifier(reference.reshape(len(reference), -1)):
+    if classifier is None:
+        classifier = is_classifier(reference.reshape(len(reference), -1))
+    if classifier:
         ref_top = np.argmax(ref, axis=1)
         cand_top = np.argmax(cand, axis=1)
         report["top1_agreement"] = round(float(np.mean(ref_top == cand_top)), 6)

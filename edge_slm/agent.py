@@ -54,7 +54,7 @@ class Agent:
         tasks = []
         for p in cfg.pipelines:
             package = ModelPackage.open(p.model)
-            task = load_task(package, threads=p.threads or None, backend=cfg.runtime or None)
+            task = load_task(package, threads=p.threads or None, backend=cfg.runtime or None, options=p)
             tasks.append(task)
             log.info("pipeline %s: model %s %s (%s) loaded with %s", p.name, package.name,
                      package.version, package.sha256[:12], task.model.backend)
@@ -83,6 +83,7 @@ class Agent:
             pipe = Pipeline(
                 p.name, cfg.device_id, task, self.seq, sinks,
                 max_input_bytes=p.max_input_bytes, queue_size=p.queue_size, on_record=self.on_record,
+                stream_tokens=p.generation.stream_tokens,
             )
             self.pipelines.append(pipe)
             self._sources.append((pipe, source))

@@ -188,10 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "signature, validates each recipe against the float model on --eval, and writes the package. "
                        "auto tries int8, int8-float-attention and dynamic and keeps the smallest that passes. "
                        "NPZ files hold the inputs under 'x' (or the input names) and labels under 'y'.")
-    p.add_argument("model", help="model.keras or a SavedModel directory")
+    p.add_argument("model", help="model.keras, a SavedModel directory, or a transformer checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="package directory to write")
-    p.add_argument("--calib", help="calibration inputs (.npz), a few hundred typical examples")
-    p.add_argument("--eval", required=True, help="evaluation inputs (.npz) with optional labels 'y'")
+    p.add_argument("--calib", help="calibration inputs (.npz; for checkpoints a .txt/.jsonl of texts), a few hundred typical examples")
+    p.add_argument("--eval", required=True, help="evaluation inputs (.npz with optional labels 'y'; for checkpoints "
+                   "a .txt/.tsv with 'text[<TAB>label]' lines or .jsonl with text/label)")
     p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int8-float-attention", "dynamic", "float16", "float32"])
     p.add_argument("--min-agreement", type=float, default=0.99, help="gate: top-1 agreement with the float model")
     p.add_argument("--min-cosine", type=float, default=0.99, help="gate for non-classifiers: mean cosine similarity")
@@ -200,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels.txt, one label per line, in output order")
     p.add_argument("--name", help="package name (default: the model file name)")
     p.add_argument("--version", dest="pkg_version", default="1.0.0", help="package version")
+    ck = p.add_argument_group("transformer checkpoints (config.json + model.safetensors + tokenizer.json)")
+    ck.add_argument("--head", choices=["classification", "embedding", "causal-lm"],
+                    help="default: classification if its weights exist, causal-lm for decoders, else embedding")
+    ck.add_argument("--max-length", type=int, help="encoder input length in tokens (default 128)")
+    ck.add_argument("--prefill-len", type=int, help="decoder prompt length in tokens (default 64)")
+    ck.add_argument("--max-cache", type=int, help="decoder KV-cache length: prompt + generated tokens (default 256)")
+    ck.add_argument("--min-lm-agreement", type=float, help="decoder gate: next-token top-1 agreement (default 0.95)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_host("converters.cli", "cmd_convert"))

@@ -41,6 +41,19 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Defaults for text-generation pipelines; a JSON input may override each per request."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int = -1  # -1: a fresh random seed per request
+    stream_tokens: bool = True  # publish each token to <pipeline>/tokens as it is made
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One source -> task -> sinks chain."""
 
@@ -51,6 +64,11 @@ class PipelineConfig:
     threads: int = 1
     max_input_bytes: int = 65536
     queue_size: int = 1000
+    # embedding pipelines: label -> example phrases; an input takes the label of its nearest example
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    match_threshold: float = 0.0  # below this cosine the label is "unknown"
+    include_embedding: bool = False  # with examples, also publish the vector (always without)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,7 @@ def _describe(typ: Any) -> str:
     origin = typing.get_origin(typ)
     if origin is list:
         return f"a list of {_describe(typing.get_args(typ)[0])}"
-    if dataclasses.is_dataclass(typ):
+    if dataclasses.is_dataclass(typ) or origin is dict:
         return "a table"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(typ, str(typ))
 
@@ -83,6 +101,11 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key} must be a table, got {type(value).__name__}")
         return _build(typ, value, key, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a table, got {type(value).__name__}")
+        _, item = typing.get_args(typ)
+        return {str(k): _convert(v, item, f"{key}.{k}", where) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key} must be {_describe(typ)}, got {type(value).__name__}")
@@ -148,6 +171,24 @@ def _check(cfg: AgentConfig, where: str) -> None:
             raise ConfigError(f"{where}: {key}.max_input_bytes must be positive")
         if p.queue_size < 1:
             raise ConfigError(f"{where}: {key}.queue_size must be positive")
+        if not p.model.strip():
+            raise ConfigError(f"{where}: {key}.model must be the path of a model package")
+        for label, phrases in p.examples.items():
+            if not label or not phrases or not all(x.strip() for x in phrases):
+                raise ConfigError(f"{where}: {key}.examples.{label} must be a non-empty list of non-empty phrases")
+        if not -1.0 <= p.match_threshold <= 1.0:
+            raise ConfigError(f"{where}: {key}.match_threshold must be a cosine between -1 and 1")
+        g = p.generation
+        if not 1 <= g.max_new_tokens <= 4096:
+            raise ConfigError(f"{where}: {key}.generation.max_new_tokens must be 1-4096")
+        if not 0.0 <= g.temperature <= 10.0:
+            raise ConfigError(f"{where}: {key}.generation.temperature must be 0-10")
+        if g.top_k < 0:
+            raise ConfigError(f"{where}: {key}.generation.top_k must be >= 0")
+        if not 0.0 < g.top_p <= 1.0:
+            raise ConfigError(f"{where}: {key}.generation.top_p must be in (0, 1]")
+        if any(not x for x in g.stop):
+            raise ConfigError(f"{where}: {key}.generation.stop must not contain empty strings")
     m = cfg.mqtt
     if not m.broker.startswith(("mqtt://", "mqtts://")):
         raise ConfigError(f"{where}: mqtt.broker {m.broker!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")

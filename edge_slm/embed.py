@@ -54,8 +54,11 @@ class SentenceEmbedder:
 
     def embed(self, text: str) -> tuple[np.ndarray, bool]:
         ids, mask, truncated = self.encoder.encode_with_mask(text)
-        inputs = [ids, mask] if self.with_mask else [ids]
-        vec = self.model.run(*inputs)[0].reshape(-1).astype(np.float32)
+        if self.with_mask:
+            out = self.model.run_named(input_ids=ids, attention_mask=mask)
+        else:
+            out = self.model.run(ids)
+        vec = out[0].reshape(-1).astype(np.float32)
         if not np.all(np.isfinite(vec)):
             raise InputError("inference_failed", "model produced a non-finite embedding")
         norm = float(np.linalg.norm(vec))

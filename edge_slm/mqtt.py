@@ -71,11 +71,21 @@ class Topics:
     def error(self, pipeline: str) -> str:
         return f"{self.root}/{pipeline}/error"
 
+    def tokens(self, pipeline: str) -> str:
+        return f"{self.root}/{pipeline}/tokens"
+
     def input(self, pipeline: str) -> str:
         return f"{self.root}/{pipeline}/input"
 
 
 MessageHandler = Callable[[str, bytes], None]
+
+
+def _set_nodelay(client, userdata, sock) -> None:  # noqa: ANN001
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (websockets/unix): nothing to tune
+        pass
 
 
 class MqttLink:
@@ -132,6 +142,9 @@ class MqttLink:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
+        # Without TCP_NODELAY, Nagle's algorithm held the result publish behind the input's PUBACK
+        # until a delayed ACK: measured 88 ms per round trip here instead of 0.5 ms. paho never sets it.
+        self.client.on_socket_open = _set_nodelay
 
     # paho callbacks run on its network thread.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001

@@ -27,7 +27,15 @@ _END = object()
 
 
 def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
-    """Payload bytes -> (input_id, text). UTF-8 text, or JSON {"text": ..., "id": ...}.
+    """Payload bytes -> (input_id, text); see decode_request."""
+    input_id, text, _ = decode_request(raw, max_bytes)
+    return input_id, text
+
+
+def decode_request(raw: RawInput, max_bytes: int) -> tuple[str, str, dict[str, Any]]:
+    """Payload bytes -> (input_id, text, params). UTF-8 text, or JSON {"text": ..., "id": ..., PARAMS}.
+
+    PARAMS are task options such as a generation's max_new_tokens or temperature.
 
     Sets raw.input_id as soon as it is known, so an error record can still name the input.
     """
@@ -40,6 +48,7 @@ def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
         text = raw.payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError("bad_encoding", f"input is not UTF-8 (byte {exc.start}); send UTF-8 text or JSON") from exc
+    params: dict[str, Any] = {}
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -62,9 +71,10 @@ def decode_input(raw: RawInput, max_bytes: int) -> tuple[str, str]:
                 raw.input_id = input_id
             input_id = raw.input_id
         text = obj["text"]
+        params = {k: v for k, v in obj.items() if k not in ("id", "text")}
     if not text.strip():
         raise InputError("empty_input", "input text is empty")
-    return input_id, text
+    return input_id, text, params
 
 
 class StdoutSink:
@@ -75,6 +85,8 @@ class StdoutSink:
         self._lock = threading.Lock()
 
     def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
+        if kind == "token":
+            return  # stdout carries whole records only
         line = json.dumps(record, separators=(",", ":"))
         with self._lock:
             self.stream.write(line + "\n")
@@ -92,6 +104,10 @@ class MqttSink:
         self.topics = topics
 
     def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
+        if kind == "token":
+            # tokens are a live view; the whole answer goes to result at QoS 1
+            self.link.publish(self.topics.tokens(pipeline), json.dumps(record, separators=(",", ":")).encode(), qos=0)
+            return
         topic = self.topics.result(pipeline) if kind == "result" else self.topics.error(pipeline)
         self.link.publish(topic, json.dumps(record, separators=(",", ":")).encode())
 
@@ -113,8 +129,10 @@ class Pipeline:
         max_input_bytes: int = 65536,
         queue_size: int = 1000,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
+        stream_tokens: bool = True,
     ) -> None:
         self.name = name
+        self.stream_tokens = stream_tokens
         self.device_id = device_id
         self.task = task
         self.seq = seq
@@ -155,8 +173,9 @@ class Pipeline:
         """Process one input synchronously; returns the record that went to the sinks."""
         model = self.task.package.identity()
         try:
-            input_id, text = decode_input(raw, self.max_input_bytes)
-            output = self.task(text)
+            input_id, text, params = decode_request(raw, self.max_input_bytes)
+            on_token = self._token_emitter(input_id) if self.stream_tokens else None
+            output = self.task(text, params, on_token)
         except InputError as exc:
             return self._emit("error", self._error(raw.input_id, exc.code, str(exc), model))
         except Exception as exc:  # a bug or a runtime failure: report it, keep serving
@@ -174,6 +193,17 @@ class Pipeline:
             "latency_ms": round((time.monotonic() - raw.received) * 1000.0, 3),
         }
         return self._emit("result", record)
+
+    def _token_emitter(self, input_id: str) -> Callable[[dict[str, Any]], None]:
+        def emit(token: dict[str, Any]) -> None:
+            record = {"device_id": self.device_id, "pipeline": self.name, "input_id": input_id, **token}
+            for sink in self.sinks:
+                try:
+                    sink.emit("token", self.name, record)
+                except Exception:
+                    log.exception("pipeline %s: sink %s failed on a token", self.name, type(sink).__name__)
+
+        return emit
 
     def _error(self, input_id: str | None, code: str, message: str, model: dict[str, str]) -> dict[str, Any]:
         return {

@@ -1,25 +1,30 @@
 """Device tasks: turn one decoded input into a model call and a JSON-ready output.
 
-One class per manifest task; imports numpy, edge_slm.runtime and edge_slm.text only.
+One class per manifest task; imports numpy, edge_slm.runtime, edge_slm.text and tokenizers only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
 from edge_slm import runtime
+from edge_slm.config import PipelineConfig
 from edge_slm.errors import InputError, ModelError
 from edge_slm.package import ModelPackage
 from edge_slm.text import TextEncoder
+
+TokenCallback = Callable[[dict[str, Any]], None]
 
 
 class Task(Protocol):
     package: ModelPackage
     model: runtime.Model
 
-    def __call__(self, text: str) -> dict[str, Any]: ...
+    def __call__(self, text: str, params: dict[str, Any] | None = None,
+                 on_token: TokenCallback | None = None) -> dict[str, Any]: ...
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -28,8 +33,20 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
+def no_params(task: str, params: dict[str, Any] | None) -> None:
+    if params:
+        raise InputError("bad_request", f"{task} takes no parameters besides id and text; got {', '.join(sorted(params))}")
+
+
+def max_length_of(package: ModelPackage, model: runtime.Model) -> int:
+    value = package.preprocessing.get("max_length", model.inputs[0].shape[-1])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelError(f"{package.path}: manifest preprocessing.max_length must be a positive integer, got {value!r}")
+    return value
+
+
 class TextClassifier:
-    """text-classification: tokenizer.json -> ids -> model -> label, score and every label's score."""
+    """text-classification: tokenizer.json -> ids (and mask) -> model -> label, score, top labels."""
 
     def __init__(self, package: ModelPackage, model: runtime.Model, top_k: int = 3) -> None:
         self.package = package
@@ -37,27 +54,33 @@ class TextClassifier:
         self.top_k = top_k
         if package.tokenizer_path is None:
             raise ModelError(f"{package.path}: text-classification needs tokenizer.json")
-        if len(model.inputs) != 1 or not np.issubdtype(model.inputs[0].dtype, np.integer):
-            raise ModelError(f"{package.path}: text-classification expects one integer token-id input")
-        max_length = int(package.preprocessing.get("max_length", model.inputs[0].shape[-1]))
+        if len(model.inputs) not in (1, 2) or not all(np.issubdtype(t.dtype, np.integer) for t in model.inputs):
+            raise ModelError(f"{package.path}: text-classification expects integer token ids (and an attention mask)")
+        max_length = max_length_of(package, model)
         if max_length != model.inputs[0].shape[-1]:
             raise ModelError(
                 f"{package.path}: manifest max_length {max_length} does not match the model input "
                 f"length {model.inputs[0].shape[-1]}"
             )
+        self.with_mask = len(model.inputs) == 2
         self.encoder = TextEncoder.from_file(package.tokenizer_path, max_length)
         self.labels = package.labels
         n_out = model.outputs[0].shape[-1]
         if self.labels and len(self.labels) != n_out:
             raise ModelError(f"{package.path}: {len(self.labels)} labels but the model has {n_out} outputs")
-        self.apply_softmax = bool(package.preprocessing.get("logits", True))
 
-    def __call__(self, text: str) -> dict[str, Any]:
-        ids, truncated = self.encoder.encode(text)
-        out = self.model.run(ids)[0].reshape(-1).astype(np.float64)
-        if not np.all(np.isfinite(out)):
+    def __call__(self, text: str, params: dict[str, Any] | None = None, on_token: TokenCallback | None = None) -> dict[str, Any]:
+        no_params("text-classification", params)
+        if self.with_mask:
+            ids, mask, truncated = self.encoder.encode_with_mask(text)
+            out = self.model.run_named(input_ids=ids, attention_mask=mask)[0]
+        else:
+            ids, truncated = self.encoder.encode(text)
+            out = self.model.run(ids)[0]
+        logits = out.reshape(-1).astype(np.float64)
+        if not np.all(np.isfinite(logits)):
             raise InputError("inference_failed", "model produced non-finite scores")
-        probs = softmax(out) if self.apply_softmax else out
+        probs = softmax(logits)
         order = np.argsort(-probs)
         names = self.labels or [str(i) for i in range(len(probs))]
         result: dict[str, Any] = {
@@ -70,24 +93,53 @@ class TextClassifier:
         return result
 
 
-TASKS = {"text-classification": TextClassifier}
+def _build(package: ModelPackage, model: runtime.Model, options: PipelineConfig | None) -> Task:
+    task = package.task
+    if task == "text-classification":
+        return TextClassifier(package, model)
+    if task == "embedding":
+        from edge_slm.embed import SentenceEmbedder
+
+        return SentenceEmbedder(package, model, examples=options.examples if options else None,
+                                threshold=options.match_threshold if options else 0.0,
+                                include_embedding=(options.include_embedding or not options.examples) if options else None)
+    if task == "text-generation":
+        from edge_slm.generate import TextGenerator
+
+        g = options.generation if options else None
+        defaults = {} if g is None else {
+            "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_k": g.top_k,
+            "top_p": g.top_p, "stop": list(g.stop), "seed": None if g.seed < 0 else g.seed}
+        return TextGenerator(package, model, defaults)
+    raise ModelError(
+        f"{package.path}: task {task!r} is not supported by this agent yet "
+        f"(supported: text-classification, embedding, text-generation)"
+    )
 
 
-def load_task(package: ModelPackage, *, threads: int | None = None, backend: str | None = None) -> Task:
+def load_task(package: ModelPackage, *, threads: int | None = None, backend: str | None = None,
+              options: PipelineConfig | None = None) -> Task:
     """Build the task the package's manifest names, with its model loaded and checked."""
-    cls = TASKS.get(package.task)
-    if cls is None:
-        raise ModelError(
-            f"{package.path}: task {package.task!r} is not supported by this agent yet "
-            f"(supported: {', '.join(TASKS)})"
-        )
     model = runtime.load(package.model_path, threads=threads, backend=backend)
     _check_io(package, model)
-    return cls(package, model)
+    return _build(package, model, options)
 
 
 def _check_io(package: ModelPackage, model: runtime.Model) -> None:
     """The manifest's inputs/outputs must describe the model that is actually there."""
+    if "signatures" in package.manifest:
+        declared_sigs = package.manifest["signatures"]
+        if not isinstance(declared_sigs, dict) or sorted(declared_sigs) != model.signature_names():
+            raise ModelError(f"{package.path}: manifest signatures do not match the model's {model.signature_names()}")
+        for name, decl in declared_sigs.items():
+            runner = model.signature(name)
+            for section, tensors in (("inputs", runner.inputs), ("outputs", runner.outputs)):
+                for d in decl.get(section, []):
+                    t = tensors.get(d.get("name"))
+                    if t is None or d.get("dtype") != t.dtype.name or list(d.get("shape", [])) != list(t.shape):
+                        raise ModelError(f"{package.path}: manifest signature {name}.{section} {d.get('name')!r} "
+                                         "does not match the model")
+        return
     for section, tensors in (("inputs", model.inputs), ("outputs", model.outputs)):
         declared = package.manifest[section]
         if len(declared) != len(tensors):

@@ -79,7 +79,7 @@ def _start_mosquitto(tmp: Path, persist: bool = False) -> Mosquitto:
     conf = tmp / f"mosquitto-{port}.conf"
     # max_queued_messages 0: unlimited; with the default 1000 a slow QoS 1 subscriber lost messages here.
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nset_tcp_nodelay true\n"
         "log_dest stdout\nlog_type error\n"
         + (f"persistence true\npersistence_location {tmp}/\n" if persist else "persistence false\n")
     )
@@ -281,3 +281,71 @@ def write_agent_toml(path: Path, device_id: str, broker: str, package: Path, sta
 def start_agent_process(config: Path, log_file: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "run", str(config)],
                             stdout=open(log_file, "wb"), stderr=subprocess.STDOUT)
+
+
+def bert_tokenizer(texts: list[str]):  # noqa: ANN201
+    """A real BERT-style tokenizer.json: WordPiece, lowercase, [CLS] ... [SEP] post-processor."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=800, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                   ("[CLS]", tok.token_to_id("[CLS]")))
+    return tok
+
+
+@dataclass
+class BertCheckpoint:
+    path: Path
+    eval_txt: Path
+    calib_txt: Path
+    labels: list[str]
+
+
+@pytest.fixture(scope="session")
+def bert_intent_checkpoint(tmp_path_factory) -> BertCheckpoint:  # noqa: ANN001
+    """A tiny BertForSequenceClassification fine-tuned with PyTorch on the intent data, saved with
+    save_pretrained (safetensors) and a tokenizer.json: what a user brings from a model hub."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from converters.datasets.smart_home import LABELS, generate
+
+    work = tmp_path_factory.mktemp("bert_ckpt")
+    train, test = generate(per_intent=200)
+    tok = bert_tokenizer(train.texts)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, num_labels=len(LABELS),
+                     id2label=dict(enumerate(LABELS)), label2id={k: i for i, k in enumerate(LABELS)})
+    model = BertForSequenceClassification(cfg)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(32)
+    enc = tok.encode_batch(train.texts)
+    ids = torch.tensor([e.ids for e in enc])
+    mask = torch.tensor([e.attention_mask for e in enc])
+    y = torch.tensor(train.labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _epoch in range(4):
+        perm = torch.randperm(len(y))
+        for start in range(0, len(y), 64):
+            b = perm[start : start + 64]
+            loss = model(input_ids=ids[b], attention_mask=mask[b], labels=y[b]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    ckpt = work / "tiny-bert-intents"
+    model.save_pretrained(ckpt, safe_serialization=True)
+    tok.no_padding()
+    tok.no_truncation()
+    tok.save(str(ckpt / "tokenizer.json"))
+    eval_txt = work / "eval.tsv"
+    eval_txt.write_text("".join(f"{t}\t{LABELS[y]}\n" for t, y in zip(test.texts[:300], test.labels[:300])))
+    calib_txt = work / "calib.txt"
+    calib_txt.write_text("\n".join(train.texts[:200]) + "\n")
+    return BertCheckpoint(ckpt, eval_txt, calib_txt, list(LABELS))

@@ -34,8 +34,9 @@ class Decoder(t.Module):
         k_cache/v_cache float32 [L, n_kv_heads, S, head_dim], rows >= length zero.
       decode(token int32 [1,1], position int32 [1], k_cache, v_cache) -> logits [1,V], k_cache, v_cache,
         the token's K/V written at `position`; keys at positions > position are masked.
-    A position outside [0, S) makes the position-table GATHER fail (TF error / TFLite invoke error):
-    callers must stop at S. param_count counts the exported weights (tied matrices once; GPT-2's wpe
+    A position outside [0, S), or a length outside [1, P], makes a GATHER fail (TF InvalidArgumentError,
+    TFLite "gather index out of bounds" at invoke) instead of writing or reading a wrong row: callers
+    must check first. param_count counts the exported weights (tied matrices once; GPT-2's wpe
     only up to S rows).
     """
 

@@ -14,7 +14,8 @@ from typing import Any
 from converters.checkpoint.weights import Weights
 from edge_slm.errors import ConversionError
 
-ARCHITECTURES = {"bert": "bert", "distilbert": "distilbert", "gpt2": "gpt2", "llama": "llama"}
+# model_type -> the builder that reads it; Qwen2 and Mistral-style configs are LLaMA with biases/GQA.
+ARCHITECTURES = {"bert": "bert", "distilbert": "distilbert", "gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 # model_type -> prefixes the bare model's weights may carry in a checkpoint with a head.
 PREFIXES = {
     "bert": ("", "bert."),
@@ -23,7 +24,7 @@ PREFIXES = {
     "llama": ("", "model."),
 }
 HEADS = ("classification", "embedding", "causal-lm")
-SUPPORTED = "BERT (incl. MiniLM, TinyBERT configs), DistilBERT, GPT-2, LLaMA (incl. TinyLlama, SmolLM)"
+SUPPORTED = "BERT (incl. MiniLM, TinyBERT configs), DistilBERT, GPT-2, LLaMA (incl. TinyLlama, SmolLM), Qwen2"
 
 
 @dataclass

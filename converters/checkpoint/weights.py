@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, so safetensors can read bf16 checkpoints
 import numpy as np
 
 from edge_slm.errors import ConversionError

@@ -77,6 +77,9 @@ def _open(path: Path) -> Checkpoint:
 def _save(kind: str, path: Path) -> tuple[np.ndarray, int]:
     torch.manual_seed(0)
     model = _torch_model(kind).eval()
+    with torch.no_grad():  # init leaves biases at 0 and norm weights at 1, which would hide their misuse
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path, safe_serialization=True)
     with torch.no_grad():
         logits = model(torch.from_numpy(IDS).long()).logits.numpy()
@@ -208,8 +211,19 @@ def test_tflite_dynamic_range_keeps_top1(built: dict[str, Built], tflite: Any, k
     got = _teacher_forced(*_runners(model))
     agree = np.mean(ref.argmax(-1) == got.argmax(-1))
     cos = np.sum(ref * got, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
-    assert agree >= 0.8, agree
-    assert cos.min() > 0.98, cos
+    # What the float model gives up by taking the quantized pick: 0 on agreement, tiny on a near-tie.
+    regret = ref.max(-1) - ref[np.arange(len(ref)), got.argmax(-1)]
+    assert agree >= 0.7, agree
+    assert regret.max() < 0.05 * np.ptp(ref), regret
+    assert cos.min() > 0.999, cos
+
+
+def test_tflite_float16_stays_close(built: dict[str, Built], tflite: Any) -> None:
+    dec = built["llama-untied-llama3"].dec
+    ref = _teacher_forced(dec.prefill, dec.decode)
+    got = _teacher_forced(*_runners(tflite("llama-untied-llama3", "float16")))
+    assert np.abs(ref - got).max() < 2e-2
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) >= 0.9
 
 
 def test_decode_past_max_cache_fails_instead_of_guessing(built: dict[str, Built], tflite: Any) -> None:
@@ -262,6 +276,20 @@ def test_dynamic_rope_is_refused(built: dict[str, Built], tmp_path: Path) -> Non
     shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(ConversionError, match="rope_type 'dynamic'"):
         build_decoder(open_checkpoint(tmp_path), MAX_CACHE, PREFILL)
+
+
+def test_bfloat16_checkpoint_matches_its_float32_upcast(tmp_path: Path) -> None:
+    # TinyLlama and SmolLM ship bf16 safetensors; numpy reads them through ml_dtypes (TensorFlow imports it).
+    torch.manual_seed(1)
+    model = _torch_model("llama-tied-linear").eval()
+    with torch.no_grad():  # round the weights only: .to(bfloat16) would round the RoPE buffer as well
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        ref = model(torch.from_numpy(IDS).long()).logits.numpy()
+    model.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    dec = build_decoder(open_checkpoint(tmp_path), MAX_CACHE, PREFILL)
+    assert np.abs(dec.full_logits(IDS).numpy() - ref).max() < 1e-4
 
 
 def test_decoder_builds_without_pytorch(built: dict[str, Built]) -> None:
