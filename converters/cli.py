@@ -14,7 +14,9 @@ from edge_slm.table import format_table
 
 
 def attempts_table(attempts: list[Attempt], baseline: Attempt | None, chosen: str | None = None) -> str:
+    """One row per recipe tried (float32 first as the reference); LM reports add perplexity."""
     rows = []
+    lm = any("perplexity_quantized" in a.report for a in attempts if a.report)
     base_size = baseline.size_bytes if baseline else 0
     for a in ([baseline] if baseline and baseline not in attempts else []) + attempts:
         r = a.report
@@ -35,7 +37,11 @@ def attempts_table(attempts: list[Attempt], baseline: Attempt | None, chosen: st
             f"{a.latency_ms:.4f}" if a.latency_ms else "-",
             verdict,
         ])
-    return format_table(["recipe", "KiB", "smaller", "agreement", "accuracy", "cosine", "max_err", "ms", "verdict"], rows)
+        if lm:
+            rows[-1][4] = r.get("perplexity_quantized", "-") if r else "-"
+    headers = ["recipe", "KiB", "smaller", "agreement", "perplexity" if lm else "accuracy", "cosine", "max_err",
+               "ms/token" if lm else "ms", "verdict"]
+    return format_table(headers, rows)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

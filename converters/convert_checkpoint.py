@@ -46,7 +46,7 @@ def convert_checkpoint(
     progress: bool = True,
     say: Callable[[str], None] = lambda s: None,
     head: str | None = None,
-    max_length: int = 128,
+    max_length: int | None = None,
     prefill_len: int = 64,
     max_cache: int = 256,
     min_lm_agreement: float = 0.95,
@@ -64,6 +64,8 @@ def convert_checkpoint(
     check_common(quantize, None, calib, None)
     from converters.checkpoint.encoders import build_encoder
 
+    # default: 128 tokens, or the model's own limit when that is shorter
+    max_length = max_length or min(128, int(ckpt.cfg("max_position_embeddings", 128)))
     with silenced():
         keras_model = build_encoder(ckpt, max_length)
     src = source_from_keras(keras_model, ckpt.path, "checkpoint", sha256=checkpoint_sha256(ckpt))

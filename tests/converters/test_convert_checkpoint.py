@@ -42,3 +42,51 @@ def test_fine_tuned_bert_checkpoint_converts_and_keeps_agreement(bert_intent_che
             logits = ref(input_ids=torch.tensor([enc.ids]), attention_mask=torch.tensor([enc.attention_mask])).logits
         agree += task(t)["label"] == ck.labels[int(logits.argmax())]
     assert agree / len(texts) >= 0.95
+
+
+def test_sharded_checkpoint_converts_like_the_single_file(bert_intent_checkpoint, tmp_path):
+    import shutil
+
+    from transformers import BertForSequenceClassification
+
+    from converters.convert import convert_model
+
+    ck = bert_intent_checkpoint
+    sharded = tmp_path / "sharded"
+    BertForSequenceClassification.from_pretrained(ck.path).save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(ck.path / "tokenizer.json", sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    res = convert_model(sharded, tmp_path / "pkg", eval_data=ck.eval_txt, quantize="dynamic", max_length=32,
+                        progress=False)
+    assert res.package.manifest["validation"]["quantized"]["top1_agreement"] >= 0.99
+
+
+def test_checkpoint_without_tokenizer_is_refused_and_nothing_written(bert_intent_checkpoint, tmp_path):
+    import shutil
+
+    import pytest
+
+    from converters.convert import convert_model
+    from edge_slm.errors import ConversionError
+
+    ck = tmp_path / "no-tok"
+    shutil.copytree(bert_intent_checkpoint.path, ck)
+    (ck / "tokenizer.json").unlink()
+    with pytest.raises(ConversionError, match="no tokenizer.json"):
+        convert_model(ck, tmp_path / "pkg", eval_data=bert_intent_checkpoint.eval_txt, quantize="dynamic",
+                      progress=False)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_eval_labels_outside_the_label_set_are_named(bert_intent_checkpoint, tmp_path):
+    import pytest
+
+    from converters.convert import convert_model
+    from edge_slm.errors import ConversionError
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("turn on the light\tlights_on\nmake coffee\tbrew_coffee\n")
+    with pytest.raises(ConversionError, match="'brew_coffee' on example 2 is not in the label set"):
+        convert_model(bert_intent_checkpoint.path, tmp_path / "pkg", eval_data=bad, quantize="dynamic",
+                      progress=False)
