@@ -181,18 +181,23 @@ class Pipeline:
         except Exception as exc:  # a bug or a runtime failure: report it, keep serving
             log.exception("pipeline %s: inference failed", self.name)
             return self._emit("error", self._error(raw.input_id, "inference_failed", f"{type(exc).__name__}: {exc}", model))
-        record = {
+        record = self._header(input_id) | {
+            "model": model,
+            "output": output,
+            "latency_ms": round((time.monotonic() - raw.received) * 1000.0, 3),
+        }
+        return self._emit("result", record)
+
+    def _header(self, input_id: str | None) -> dict[str, Any]:
+        """What results and error records share; takes the next seq."""
+        return {
             "schema_version": RECORD_SCHEMA,
             "device_id": self.device_id,
             "pipeline": self.name,
             "seq": self.seq.next(),
             "ts": round(time.time(), 3),
             "input_id": input_id,
-            "model": model,
-            "output": output,
-            "latency_ms": round((time.monotonic() - raw.received) * 1000.0, 3),
         }
-        return self._emit("result", record)
 
     def _token_emitter(self, input_id: str) -> Callable[[dict[str, Any]], None]:
         def emit(token: dict[str, Any]) -> None:
@@ -206,17 +211,7 @@ class Pipeline:
         return emit
 
     def _error(self, input_id: str | None, code: str, message: str, model: dict[str, str]) -> dict[str, Any]:
-        return {
-            "schema_version": RECORD_SCHEMA,
-            "device_id": self.device_id,
-            "pipeline": self.name,
-            "seq": self.seq.next(),
-            "ts": round(time.time(), 3),
-            "input_id": input_id,
-            "error": code,
-            "message": message,
-            "model": model,
-        }
+        return self._header(input_id) | {"error": code, "message": message, "model": model}
 
     def _emit(self, kind: str, record: dict[str, Any]) -> dict[str, Any]:
         self.counts["results" if kind == "result" else "errors"] += 1
