@@ -153,7 +153,9 @@ def monitored(cmd: list[str], log: Path, cwd: Path | None = None, stdout: Path |
 
 def run_worker(name: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     res_file = workdir / f"worker-{name}.json"
-    m = monitored([sys.executable, str(Path(__file__).resolve()), "--worker", name, json.dumps(spec | {"result": str(res_file)})],
+    spec_file = workdir / f"worker-{name}-spec.json"
+    spec_file.write_text(json.dumps(spec | {"result": str(res_file)}))
+    m = monitored([sys.executable, str(Path(__file__).resolve()), "--worker", name, str(spec_file)],
                   workdir / f"worker-{name}.log")
     if m["rc"] != 0:
         raise RuntimeError(f"worker {name} failed (rc {m['rc']}); see {m['log']}:\n" + Path(m["log"]).read_text()[-3000:])
@@ -510,7 +512,7 @@ def main() -> int:
     ap.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        spec = json.loads(args.worker[1])
+        spec = json.loads(Path(args.worker[1]).read_text())
         res = WORKERS[args.worker[0]](spec)
         Path(spec["result"]).write_text(json.dumps(res))
         return 0
