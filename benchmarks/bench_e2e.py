@@ -445,7 +445,7 @@ def main() -> int:
               m["results_per_s"], m["wall_s"]] for m in modes]))
         print("(ms. e2e = publish() called -> result's on_message in this process. agent = the record's latency_ms: "
               "input received by the agent -> record built, before publishing.\n"
-              " stock = broker conf as in tests/conftest.py, library as is (no TCP_NODELAY anywhere).\n"
+              " stock = mosquitto with its default set_tcp_nodelay false and plain bench clients; the agent sets TCP_NODELAY itself.\n"
               + (" nodelay = broker left as it is (external) + " if args.broker else
                  " nodelay = mosquitto `set_tcp_nodelay true` + ")
               + "TCP_NODELAY on the bench clients' and the agent's sockets (patched in the child process for this "

@@ -40,6 +40,7 @@ FULL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key
             intermediate_size=1376, vocab_size=8000)
 QUICK = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=688, vocab_size=4000)
+BUCKET = 16  # no-cache baseline: sequence padded to the next multiple of this
 PROMPT = "The engineer measured the broken gate near the station"
 AGENT_PROMPTS = ["The old farmer repaired", "A small robot watched the river", "Our team announced the new firmware"]
 EXE = Path(sys.executable).parent / "edge-slm"
@@ -215,7 +216,12 @@ def worker_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
 def worker_export(spec: dict[str, Any]) -> dict[str, Any]:
     """float32 TFLite of the package's own graph (prefill 64), and the no-cache baselines (prefill 256 and a
     variable-length forward) for each recipe, from the same checkpoint with the library's decoder."""
-    from converters.checkpoint.decoders import MASKED, build_decoder, convert_decoder_tflite, export_saved_model
+    from converters.checkpoint.decoders import (
+        MASKED,
+        build_decoder,
+        convert_decoder_tflite,
+        export_saved_model,
+    )
     from converters.checkpoint.loader import open_checkpoint
     from converters.tf_env import silenced, tf
 
@@ -237,32 +243,37 @@ def worker_export(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     big = build_decoder(ckpt, MAX_CACHE, MAX_CACHE)
 
-    def forward(input_ids: Any) -> dict[str, Any]:
-        # Decoder.full_logits with the LM head on the last position only, as prefill does: the no-cache
-        # step costs exactly one pass over the current sequence.
-        n = t.shape(input_ids)[1]
-        pos = t.range(n)
-        bias = (t.cast(pos[None, :] <= pos[:, None], t.float32) - 1.0) * -MASKED
-        h = big._run(input_ids[0], pos, bias, lambda i, k, v: (k, v))  # noqa: SLF001
-        return {"logits": big._head(h[-1:])}  # noqa: SLF001
+    def no_cache_pass(n: int) -> Any:
+        # A prefill without the cache outputs: one pass over n positions (real tokens first, padding after,
+        # which the causal mask keeps out of every real row), LM head on the last real position only.
+        pos = np.arange(n)
+        causal = np.where(pos[None, :] <= pos[:, None], 0.0, MASKED).astype(np.float32)
 
-    fwd = t.function(forward, input_signature=[t.TensorSpec([1, None], t.int32, name="input_ids")])
+        def f(input_ids: Any, length: Any) -> dict[str, Any]:
+            h = big._run(input_ids[0], t.constant(pos, t.int32), t.constant(causal), lambda i, k, v: (k, v))  # noqa: SLF001
+            return {"logits": big._head(t.gather(h, length - 1))}  # noqa: SLF001
+
+        return t.function(f, input_signature=[t.TensorSpec([1, n], t.int32, name="input_ids"),
+                                              t.TensorSpec([1], t.int32, name="length")])
+
+    sigs = {"prefill": big.prefill.get_concrete_function()}
+    for n in spec["buckets"]:
+        sigs[f"pass_{n}"] = no_cache_pass(n).get_concrete_function()
     root = t.Module()
     root.weights = list(big._w.values())  # noqa: SLF001
     with silenced():
-        t.saved_model.save(root, str(tmp / "saved-p256"), signatures={
-            "prefill": big.prefill.get_concrete_function(), "forward": fwd.get_concrete_function()})
-    times["p256 + forward export"] = round(time.monotonic() - t0, 1)
+        t.saved_model.save(root, str(tmp / "saved-p256"), signatures=sigs)
+    times[f"p256 + {len(spec['buckets'])} bucket passes export"] = round(time.monotonic() - t0, 1)
     for recipe in ("dynamic", "float32"):
         t0 = time.monotonic()
         with silenced():
-            conv = t.lite.TFLiteConverter.from_saved_model(str(tmp / "saved-p256"), signature_keys=["prefill", "forward"])
+            conv = t.lite.TFLiteConverter.from_saved_model(str(tmp / "saved-p256"), signature_keys=list(sigs))
             conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS]
             if recipe == "dynamic":
                 conv.optimizations = [t.lite.Optimize.DEFAULT]
             (out / f"recompute-{recipe}.tflite").write_bytes(bytes(conv.convert()))
         times[f"recompute {recipe} convert"] = round(time.monotonic() - t0, 1)
-    return {"info": info, "times": times}
+    return {"info": info, "times": times, "buckets": spec["buckets"]}
 
 
 WORKERS = {"checkpoint": worker_checkpoint, "export": worker_export}
@@ -314,15 +325,20 @@ def gen_recompute_padded(model: Any, prompt: list[int], n: int) -> dict[str, Any
     return {"tokens": seq[len(prompt):], "total_s": clock() - t0, "step_ms": np.array(steps) * 1000}
 
 
-def gen_recompute_exact(runner: Any, prompt: list[int], n: int) -> dict[str, Any]:
-    """No cache: every new token runs one forward pass over exactly the current sequence (input resized)."""
+def gen_recompute_bucketed(model: Any, buckets: list[int], prompt: list[int], n: int) -> dict[str, Any]:
+    """No cache: every new token runs one pass over the current sequence, padded only up to the next
+    multiple of BUCKET (fixed-shape signatures; XNNPACK cannot re-plan this graph for a resized input)."""
+    runners = {b: model.signature(f"pass_{b}") for b in buckets}
     clock = time.perf_counter
     seq = list(prompt)
     steps = []
     t0 = clock()
     for _ in range(n):
         t1 = clock()
-        out = runner(input_ids=np.asarray([seq], dtype=np.int32))
+        b = next(b for b in buckets if b >= len(seq))
+        padded = np.zeros((1, b), dtype=np.int32)
+        padded[0, : len(seq)] = seq
+        out = runners[b](input_ids=padded, length=np.array([len(seq)], dtype=np.int32))
         seq.append(argmax(out["logits"]))
         steps.append(clock() - t1)
     return {"tokens": seq[len(prompt):], "total_s": clock() - t0, "step_ms": np.array(steps) * 1000}
@@ -334,23 +350,20 @@ def summary(r: dict[str, Any], n: int) -> dict[str, Any]:
             "step_p50_ms": p50, "step_p99_ms": p99, "step_mean_ms": round(float(np.mean(r["step_ms"])), 3)}
 
 
-def bench_decode(files: dict[str, Path], prompt: list[int], n: int, threads: int, reps: int) -> list[dict[str, Any]]:
-    from ai_edge_litert.interpreter import Interpreter
-
+def bench_decode(files: dict[str, Path], buckets: list[int], prompt: list[int], n: int, threads: int,
+                 reps: int) -> list[dict[str, Any]]:
     from edge_slm import runtime
 
     rows = []
     for recipe in ("dynamic", "float32"):
         cache_model = runtime.load(files[f"cache-{recipe}"], threads=threads)
         rec_model = runtime.load(files[f"recompute-{recipe}"], threads=threads)
-        # ai-edge-litert's own runner: it resizes the input for each new length (the wrapper in
-        # edge_slm.runtime checks for the fixed shape, which a variable-length signature does not have).
-        raw = Interpreter(model_path=str(files[f"recompute-{recipe}"]), num_threads=threads)
-        fwd = raw.get_signature_runner("forward")
         gen_cache(cache_model, prompt, 4)  # warm-up: XNNPACK packs weights on the first invoke
         gen_recompute_padded(rec_model, prompt, 1)
-        gen_recompute_exact(fwd, prompt, 2)
-        say(f"  {recipe} t={threads}: KV cache x{reps}, recompute (padded 256), recompute (exact length)")
+        gen_recompute_bucketed(rec_model, buckets, prompt, 2)
+        for b in buckets:  # first invoke of each signature
+            rec_model.signature(f"pass_{b}")(input_ids=np.zeros((1, b), np.int32), length=np.array([1], np.int32))
+        say(f"  {recipe} t={threads}: KV cache x{reps}, recompute (prefill 256), recompute (bucketed length)")
         caches = []
         padded = exact = None
         for i in range(reps):  # interleaved, so load from other work on the machine hits all three alike
@@ -358,7 +371,7 @@ def bench_decode(files: dict[str, Path], prompt: list[int], n: int, threads: int
             if i == 0:
                 padded = gen_recompute_padded(rec_model, prompt, n)
             if i == min(1, reps - 1):
-                exact = gen_recompute_exact(fwd, prompt, n)
+                exact = gen_recompute_bucketed(rec_model, buckets, prompt, n)
         cache = sorted(caches, key=lambda r: r["total_s"])[len(caches) // 2]  # the median run
         steps_all = np.concatenate([c["step_ms"] for c in caches])
         c = summary(cache, n)
@@ -367,7 +380,7 @@ def bench_decode(files: dict[str, Path], prompt: list[int], n: int, threads: int
         c["prefill_ms"] = round(cache["prefill_ms"], 2)
         ref = cache["tokens"]
         for kind, r in (("KV cache (prefill 64 + decode)", cache), ("recompute, prefill 256 padded", padded),
-                        ("recompute, exact length", exact)):
+                        (f"recompute, length to next {BUCKET}", exact)):
             s = c if r is cache else summary(r, n)
             rows.append({"recipe": recipe, "threads": threads, "mode": kind, **s,
                          "same_tokens": sum(a == b for a, b in zip(r["tokens"], ref)),
@@ -575,9 +588,11 @@ def main() -> int:
         pkg_dyn = workdir / "pkg-dynamic"
 
         # 3. extra TFLite files for the float32 cache path and the no-cache baselines ---------------
-        say("[3/7] exporting float32 (prefill 64) and the no-cache baselines (prefill 256, variable-length "
-            "forward) in a child process")
-        exp = run_worker("export", {"ckpt": str(ckpt), "out": str(workdir)}, workdir)
+        say("[3/7] exporting float32 (prefill 64) and the no-cache baselines (prefill 256, passes bucketed by "
+            f"{BUCKET}) in a child process")
+        top = len(prompt) + n - 1
+        buckets = list(range(BUCKET, -(-top // BUCKET) * BUCKET + 1, BUCKET))
+        exp = run_worker("export", {"ckpt": str(ckpt), "out": str(workdir), "buckets": buckets}, workdir)
         files = {"cache-dynamic": pkg_dyn / "model.tflite", "cache-float32": workdir / "cache-float32.tflite",
                  "recompute-dynamic": workdir / "recompute-dynamic.tflite",
                  "recompute-float32": workdir / "recompute-float32.tflite"}
@@ -588,7 +603,7 @@ def main() -> int:
         decode_rows: list[dict[str, Any]] = []
         gens = []
         for threads in (1, 2):
-            decode_rows += bench_decode(files, prompt, n, threads, reps=3)
+            decode_rows += bench_decode(files, buckets, prompt, n, threads, reps=3)
             gens.append(bench_generator(pkg_dyn, PROMPT, n, threads))
         direct = gen_cache(runtime.load(files["cache-dynamic"], threads=1), prompt, n)["tokens"]
         for g in gens:
@@ -647,6 +662,7 @@ def main() -> int:
 
         mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         bench_rss = psutil.Process().memory_info().rss
+        bench_tf = maps_tensorflow(os.getpid())
         speed = {}
         for r in decode_rows:
             if not r["mode"].startswith("KV"):
@@ -655,7 +671,7 @@ def main() -> int:
                 "conversions": convs, "export": exp, "decode": decode_rows, "text_generator": gens,
                 "bandwidth": {"memory": bw, "decode": band, "kv_cache_bytes": kv_bytes, "tflite_bytes": sizes},
                 "agent": agent, "minilm": {"convert": mini, "recipes": mini_rows, "timing": mini_timing},
-                "speedups": speed, "bench_process_rss_mib": round(bench_rss / MIB, 1),
+                "speedups": speed, "bench_process_rss_mib": round(bench_rss / MIB, 1), "bench_process_tf_torch_mapped": bench_tf,
                 "total_s": round(time.monotonic() - t_start, 1)}
         if args.json:
             print(json.dumps(data, indent=2, default=str))
@@ -704,7 +720,7 @@ def report(d: dict[str, Any], args: argparse.Namespace) -> None:
           f" The gate is lowered to {LM_GATE}: random weights give near-flat logits (perplexity ~ vocab), so "
           "top-1 flips under int8 noise far more than in a trained model; the default 0.95 rejects dynamic here.)")
     e = d["export"]
-    print(f"extra TFLite files (child process, not part of a package): "
+    print("extra TFLite files (child process, not part of a package): "
           + ", ".join(f"{k} {v}s" for k, v in e["times"].items())
           + f"; peak RSS {e['process']['kernel_maxrss_mib']} MiB")
 
@@ -714,15 +730,16 @@ def report(d: dict[str, Any], args: argparse.Namespace) -> None:
     for r in d["decode"]:
         rows.append([r["recipe"], r["threads"], r["mode"], r["tokens_per_s"], r["total_ms"], r["step_p50_ms"],
                      r["step_p99_ms"], r.get("decode_only_tokens_per_s"), r.get("prefill_ms"),
-                     f"{r['same_tokens']}/{n}", f"{r['speedup_of_cache']}x"])
+                     "ref" if r["mode"].startswith("KV") else f"{r['same_tokens']}/{n}", f"{r['speedup_of_cache']}x"])
     print(format_table(["recipe", "thr", "mode", "tok/s", "total ms", "step p50", "step p99", "decode-only tok/s",
                         "prefill ms", "same tokens", "cache speed-up"], rows))
     print("(KV cache: the package's prefill (64, padded) then one decode call per token, median of 3 runs; step "
           "percentiles over all 3.\n"
           " recompute, prefill 256 padded: no cache, each token runs a prefill_len=256 prefill over the whole "
           "sequence (fixed shape: always 256 positions).\n"
-          " recompute, exact length: no cache, each token runs one forward pass over exactly the current "
-          "sequence (variable-length TFLite signature, input resized per call, LM head on the last position only).\n"
+          f" recompute, length to next {BUCKET}: no cache, each token runs one pass over the sequence padded only to "
+          f"the next multiple of {BUCKET} (fixed-shape signatures {BUCKET}..{d['export']['buckets'][-1]}, LM head on the "
+          "last position only; a variable-length signature fails in XNNPACK on resize).\n"
           " Both baselines come from the same checkpoint, recipe and converter; same tokens = greedy tokens equal "
           "to the KV-cache run's, position by position.)")
     print("speed-up of the KV cache at " + f"{n} new tokens (issue expects >= 5x):")
@@ -766,7 +783,7 @@ def report(d: dict[str, Any], args: argparse.Namespace) -> None:
         ["new tokens per prompt", " ".join(map(str, a["new_tokens"]))],
         ["finish reasons", " ".join(map(str, a["finish"]))],
         ["tokens/s per prompt (agent's own figure)", " ".join(map(str, a["tokens_per_s"]))],
-        ["latency_ms per prompt", " ".join(str(round(x)) if x else "-" for x in a["latency_ms"])],
+        ["latency_ms per prompt (all 3 queued at once)", " ".join(str(round(x)) if x else "-" for x in a["latency_ms"])],
         ["3 prompts written -> 3 records read, s", a["generate_wall_s"]],
         ["exit code after stdin closed", a["exit_code"]],
     ]))
@@ -788,8 +805,8 @@ def report(d: dict[str, Any], args: argparse.Namespace) -> None:
     if mi["timing"]:
         print(f"chosen {rep.get('chosen')}: {rep.get('reason')}; in this process, Model.run (ids + mask) p50/p99 ms: "
               + "; ".join(f"t={x['threads']} {x['p50_ms']}/{x['p99_ms']} ({x['calls']} calls)" for x in mi["timing"]))
-    print(f"\nthis bench process RSS {d['bench_process_rss_mib']} MiB (no TensorFlow: 6 interpreters + tokenizers); "
-          f"total {d['total_s']}s")
+    print(f"\nthis bench process: RSS {d['bench_process_rss_mib']} MiB, TensorFlow/torch mapped: "
+          f"{', '.join(d['bench_process_tf_torch_mapped']) or 'none'}; total {d['total_s']}s")
 
 
 if __name__ == "__main__":

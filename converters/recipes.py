@@ -36,14 +36,20 @@ def _converter(src: SourceModel):  # noqa: ANN202
     return conv
 
 
-def _representative(calib: list[np.ndarray], tick: Callable[[], None] | None) -> Callable[[], Iterator[list[np.ndarray]]]:
+def _representative(calib: list[np.ndarray], tick: Callable[[], None] | None,
+                    names: list[str] | None = None) -> Callable[[], Iterator[object]]:
+    """Calibration examples one at a time. With several inputs they go by name: the converted model
+    orders its inputs alphabetically, so a list in Keras order fed token ids in as the attention mask."""
     n = len(calib[0])
 
-    def gen() -> Iterator[list[np.ndarray]]:
+    def gen() -> Iterator[object]:
         for i in range(n):
             if tick:
                 tick()
-            yield [x[i : i + 1] for x in calib]
+            if names and len(names) > 1:
+                yield {name: x[i : i + 1] for name, x in zip(names, calib)}
+            else:
+                yield [x[i : i + 1] for x in calib]
 
     return gen
 
@@ -82,7 +88,7 @@ def _convert(src: SourceModel, recipe: str, calib: list[np.ndarray] | None, tick
         conv.optimizations = [t.lite.Optimize.DEFAULT]
     elif recipe == "int8":
         conv.optimizations = [t.lite.Optimize.DEFAULT]
-        conv.representative_dataset = _representative(calib, tick)
+        conv.representative_dataset = _representative(calib, tick, src.input_names)
         conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # Token-id inputs stay int32; float inputs and all outputs become int8 with their own scale.
         if all(np.issubdtype(dt, np.floating) for _, dt in src.input_specs):
@@ -90,10 +96,10 @@ def _convert(src: SourceModel, recipe: str, calib: list[np.ndarray] | None, tick
         conv.inference_output_type = t.int8
     elif recipe == "int8-float-attention":
         conv.optimizations = [t.lite.Optimize.DEFAULT]
-        conv.representative_dataset = _representative(calib, tick)
+        conv.representative_dataset = _representative(calib, tick, src.input_names)
         options = t.lite.experimental.QuantizationDebugOptions(denylisted_ops=ATTENTION_OPS)
         debugger = t.lite.experimental.QuantizationDebugger(
-            converter=conv, debug_dataset=_representative(calib, None), debug_options=options
+            converter=conv, debug_dataset=_representative(calib, None, src.input_names), debug_options=options
         )
         return bytes(debugger.get_nondebug_quantized_model())
     return bytes(conv.convert())
