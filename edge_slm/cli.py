@@ -235,6 +235,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=["ai-edge-litert", "tflite-runtime", "tensorflow"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    class UpdateHelp(argparse.RawDescriptionHelpFormatter):
+        """Descriptions keep their line breaks; only defaults worth reading are shown."""
+
+        def _get_help_string(self, action: argparse.Action) -> str:
+            text = action.help or ""
+            if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+                text += " (default: %(default)s)"
+            return text
+
+    p = sub.add_parser("keygen", help="make the Ed25519 key pair that signs model updates", formatter_class=UpdateHelp,
+                       description="Writes two files:\n"
+                       "  DIR/update_key.pem  the secret signing key (mode 0600); keep it on the build host\n"
+                       "  DIR/update_key.pub  copy it to every device: the agent installs only updates\n"
+                       "                      signed by the matching secret key\n"
+                       "An existing key pair is never replaced without --force: devices already trust it.",
+                       epilog="example:\n  edge-slm keygen -o keys")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory for update_key.pem and update_key.pub")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=_host("devices.publish_model", "cmd_keygen"))
+
+    update_help = {
+        "key": "secret signing key (update_key.pem from edge-slm keygen)",
+        "version": "version the update carries: numbers like 1.2.10, compared numerically, must be newer than "
+                   "the device's. Rewrites manifest.json inside the archive; the package on disk is untouched. "
+                   "Without it: the package's own version",
+        "expires": "the device refuses the update after this long (30m, 12h, 7d, 2w), so an old update "
+                   "cannot be replayed later",
+        "golden": "text the device runs the new model on before switching to it (without it: 'hello')",
+        "golden_label": "label the golden text must get, else the device keeps its current model",
+    }
+    checks = ("The device checks, in order: the signature, the device id, the expiry and that the version\n"
+              "is newer (all before it looks at the archive), then the archive's size and sha256, that it\n"
+              "unpacks safely and is a valid package, and that the model answers the golden input. Only\n"
+              "then does it switch, and the new model stays on trial: the device goes back to the old\n"
+              "one by itself unless the new one is committed in time.")
+    p = sub.add_parser("sign", help="sign a model package as an update: UPDATE.json + UPDATE.tar.gz",
+                       formatter_class=UpdateHelp,
+                       description="Packs PKG as a reproducible .tar.gz (written next to UPDATE.json as UPDATE.tar.gz)\n"
+                       "and writes a manifest (name, version, the archive's sha256 and size, expiry, device)\n"
+                       "signed with Ed25519 to UPDATE.json.\n\n" + checks,
+                       epilog="example:\n  edge-slm keygen -o keys\n  edge-slm sign pkg --key keys/update_key.pem "
+                       "--version 1.1.0 --device kitchen-pi -o out/intents-1.1.0.json")
+    p.add_argument("package", metavar="PKG", help="model package directory (made by edge-slm convert)")
+    p.add_argument("--key", required=True, help=update_help["key"])
+    p.add_argument("-o", "--output", required=True, metavar="UPDATE.json", help="signed update to write")
+    p.add_argument("--version", dest="version", help=update_help["version"])
+    p.add_argument("--expires", default="7d", help=update_help["expires"])
+    p.add_argument("--device", default="*", help="device id the update is for; '*' lets any device install it")
+    p.add_argument("--golden", help=update_help["golden"])
+    p.add_argument("--golden-label", help=update_help["golden_label"])
+    p.add_argument("--json", action="store_true", help="print the written paths and manifest as JSON")
+    p.set_defaults(func=_host("devices.publish_model", "cmd_sign"))
+
+    p = sub.add_parser("publish-model", help="sign a package and push it to a device over MQTT",
+                       formatter_class=UpdateHelp,
+                       description="Signs PKG like `edge-slm sign --device ID`, sends the archive in 256 KiB QoS 1\n"
+                       "chunks to <prefix>/<device>/cmd/model/update/blob, then the signed update to\n"
+                       "<prefix>/<device>/cmd/model/update, and waits for the device's answer on .../reply.\n\n"
+                       + checks + "\n\nExits 0 when the device applied the update, 1 when it refused (the reply's "
+                       "code says\nwhy) or did not answer within --timeout.",
+                       epilog="example:\n  edge-slm publish-model pkg --device kitchen-pi --key keys/update_key.pem "
+                       "--version 1.1.0 \\\n      --broker mqtt://broker.local:1883")
+    p.add_argument("package", metavar="PKG", help="model package directory (made by edge-slm convert)")
+    p.add_argument("--device", required=True, help="device id of the agent to update")
+    p.add_argument("--key", required=True, help=update_help["key"])
+    p.add_argument("--broker", default="mqtt://localhost:1883", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--prefix", default="edge-slm", help="topic prefix the agent uses")
+    p.add_argument("--version", dest="version", help=update_help["version"])
+    p.add_argument("--expires", default="7d", help=update_help["expires"])
+    p.add_argument("--golden", help=update_help["golden"])
+    p.add_argument("--golden-label", help=update_help["golden_label"])
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the device's reply")
+    p.add_argument("--username", help="MQTT user name")
+    p.add_argument("--password", help="MQTT password (visible to other local users in the process list)")
+    p.add_argument("--json", action="store_true", help="print the device's reply as JSON")
+    p.set_defaults(func=_host("devices.publish_model", "cmd_publish_model"))
     return parser
 
 

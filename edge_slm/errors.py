@@ -36,3 +36,11 @@ class ConversionError(EdgeSlmError):
 
 class BrokerError(EdgeSlmError):
     """The MQTT broker cannot be reached or refused the connection."""
+
+
+class UpdateError(EdgeSlmError):
+    """A model update was refused or could not be applied; carries a stable code for the reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
