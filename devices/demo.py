@@ -109,13 +109,15 @@ class ResultWatcher:
         self.client.loop_stop()
 
 
-def run_devices(pkg: Path, broker_url: str, workdir: Path, test, n_devices: int, n_messages: int, quiet: bool) -> dict[str, Any]:  # noqa: ANN001
+def run_devices(pkg: Path, broker_url: str, workdir: Path, test, n_devices: int, n_messages: int, quiet: bool,  # noqa: ANN001
+                protocol: str = "5") -> dict[str, Any]:
     agents = []
     for i in range(n_devices):
         cfg = AgentConfig(
             device_id=f"demo-{i + 1}",
             pipelines=[PipelineConfig(name="intent", model=str(pkg), source="mqtt://")],
-            mqtt=MqttConfig(broker=broker_url, client_id=f"edge-slm-demo-{i + 1}-{random.randrange(1 << 30)}"),
+            mqtt=MqttConfig(broker=broker_url, client_id=f"edge-slm-demo-{i + 1}-{random.randrange(1 << 30)}",
+                            protocol=protocol),
             state_dir=str(workdir / "state"),
         )
         agent = Agent(cfg)
@@ -199,7 +201,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say(f"[4/4] {args.devices} devices on broker {url}{' (embedded amqtt)' if broker else ''}, "
              f"{args.messages} held-out commands each", quiet)
         try:
-            stats = run_devices(result.package.path, url, workdir, built["test"], args.devices, args.messages, quiet)
+            # amqtt speaks MQTT 3.1.1 only
+            stats = run_devices(result.package.path, url, workdir, built["test"], args.devices, args.messages, quiet,
+                                protocol="3.1.1" if broker else "5")
         finally:
             if broker:
                 broker.stop()

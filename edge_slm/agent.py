@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_slm.config import AgentConfig
+from edge_slm.control import ControlPlane
 from edge_slm.mqtt import MqttLink, Topics
+from edge_slm.outbox import Outbox, OutboxSender, outbox_path
 from edge_slm.package import ModelPackage
 from edge_slm.pipeline import MqttSink, Pipeline, StdoutSink
 from edge_slm.seq import SeqCounter
@@ -32,8 +34,14 @@ class Agent:
         *,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
         stdout=None,  # noqa: ANN001 - a text stream for the stdout sink
+        config_path: str | Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self.control: ControlPlane | None = None
+        self.update_store: Any = None
+        self.update_receiver: Any = None
+        self._reload_lock = threading.Lock()
         self.topics = Topics(config.mqtt.topic_prefix, config.device_id)
         self.on_record = on_record
         self._stdout = stdout
@@ -41,6 +49,8 @@ class Agent:
         self.pipelines: list[Pipeline] = []
         self._sources: list[tuple[Pipeline, MqttSource | LinesSource]] = []
         self._mqtt_sink: MqttSink | None = None
+        self.outbox: Outbox | None = None
+        self.outbox_sender: OutboxSender | None = None
         self._stop = threading.Event()
         self.seq: SeqCounter | None = None
         self._started = False
@@ -51,53 +61,174 @@ class Agent:
         Raises ModelError/ConfigError/BrokerError before anything runs if something is wrong.
         """
         cfg = self.config
-        tasks = []
-        for p in cfg.pipelines:
-            package = ModelPackage.open(p.model)
-            task = load_task(package, threads=p.threads or None, backend=cfg.runtime or None, options=p)
-            tasks.append(task)
-            log.info("pipeline %s: model %s %s (%s) loaded with %s", p.name, package.name,
-                     package.version, package.sha256[:12], task.model.backend)
+        tasks = self._load_tasks(cfg)
         sources = [build_source(p.source, self.topics.input(p.name)) for p in cfg.pipelines]
         self.seq = SeqCounter(Path(cfg.state_dir) / f"{cfg.device_id}.seq")
-        if cfg.uses_mqtt():
-            m = cfg.mqtt
-            self.link = MqttLink(
-                m.broker,
-                m.client_id or f"edge-slm-{cfg.device_id}",
-                self.topics,
-                username=m.username,
-                password=m.password,
-                keepalive=m.keepalive,
-                qos=m.qos,
-            )
-            try:
-                self.link.connect(timeout=m.connect_timeout_s)
-            except Exception:
-                self.seq.close()
-                raise
-            self._mqtt_sink = MqttSink(self.link, self.topics)
-        stdout_sink = StdoutSink(self._stdout)
-        for p, task, source in zip(cfg.pipelines, tasks, sources):
-            sinks = [self._mqtt_sink if s == "mqtt" else stdout_sink for s in p.sinks]
-            pipe = Pipeline(
-                p.name, cfg.device_id, task, self.seq, sinks,
-                max_input_bytes=p.max_input_bytes, queue_size=p.queue_size, on_record=self.on_record,
-                stream_tokens=p.generation.stream_tokens,
-            )
-            self.pipelines.append(pipe)
-            self._sources.append((pipe, source))
+        try:
+            if cfg.uses_mqtt():
+                self._make_link(cfg)
+            stdout_sink = StdoutSink(self._stdout)
+            for p, task, source in zip(cfg.pipelines, tasks, sources):
+                sinks = [self._mqtt_sink if s == "mqtt" else stdout_sink for s in p.sinks]
+                pipe = Pipeline(
+                    p.name, cfg.device_id, task, self.seq, sinks,
+                    max_input_bytes=p.max_input_bytes, queue_size=p.queue_size, on_record=self._record,
+                    stream_tokens=p.generation.stream_tokens,
+                )
+                self.pipelines.append(pipe)
+                self._sources.append((pipe, source))
+                pipe.start()
+            if self.link is not None:
+                # Handlers first, then connect: a persistent session delivers its backlog right after CONNACK.
+                for pipe, source in self._sources:
+                    if isinstance(source, MqttSource):
+                        source.start(pipe.submit, self.link)
+                self.control = ControlPlane(self)
+                self.control.subscribe()
+                self.link.connect(timeout=cfg.mqtt.connect_timeout_s)
+                if self.outbox is not None:
+                    self.outbox_sender = OutboxSender(self.outbox, self.link, window=cfg.outbox.window)
+                    self.outbox_sender.start()
+        except Exception:
+            for pipe in self.pipelines:
+                pipe.end()
+            if self.outbox is not None:
+                self.outbox.close()
+                self.outbox = None
+            self.seq.close()
+            raise
         for pipe, source in self._sources:
-            pipe.start()
-            if isinstance(source, MqttSource):
-                assert self.link is not None
-                source.start(pipe.submit, self.link)
-            else:
+            if isinstance(source, LinesSource):
                 source.start(pipe.submit, pipe.end)
             log.info("pipeline %s: listening on %s", pipe.name, source.describe())
         if self.link is not None:
             self.link.announce_online()
+            assert self.control is not None
+            self.control.start()
         self._started = True
+
+    def _load_tasks(self, cfg: AgentConfig) -> list[Any]:
+        tasks = []
+        for p in cfg.pipelines:
+            package = ModelPackage.open(self._model_path(p.model))
+            task = load_task(package, threads=p.threads or None, backend=cfg.runtime or None, options=p)
+            tasks.append(task)
+            log.info("pipeline %s: model %s %s (%s) loaded with %s", p.name, package.name,
+                     package.version, package.sha256[:12], task.model.backend)
+        return tasks
+
+    def _model_path(self, configured: str) -> Path:
+        """The configured package, or a newer signed update of it from the update store."""
+        if self.update_store is not None:
+            try:
+                current = self.update_store.current_package()
+                configured_pkg = ModelPackage.open(configured, verify=False)
+                if current.name == configured_pkg.name:
+                    return current.path
+            except Exception:  # no update installed yet, or the store is empty
+                pass
+        return Path(configured)
+
+    def _make_link(self, cfg: AgentConfig) -> None:
+        m = cfg.mqtt
+        self.link = MqttLink(
+            m.broker, m.client_id or f"edge-slm-{cfg.device_id}", self.topics,
+            username=m.username, password=m.password, keepalive=m.keepalive, qos=m.qos,
+            fallback_brokers=list(m.fallback_brokers), protocol=m.protocol, session_expiry_s=m.session_expiry_s,
+            ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file,
+            reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s,
+        )
+        o = cfg.outbox
+        if o.enabled:
+            # Opened before connecting: a bad state_dir or database fails the start, not the first result.
+            self.outbox = Outbox(outbox_path(cfg.state_dir, cfg.device_id), max_bytes=o.max_bytes,
+                                 max_age_s=o.max_age_s, overflow=o.overflow, sync=o.sync)
+        self._mqtt_sink = MqttSink(self.link, self.topics, self.outbox)
+        if cfg.update_public_key:
+            from edge_slm.updates import ModelStore, UpdateReceiver
+
+            self.update_store = ModelStore(Path(cfg.state_dir) / "models" / cfg.device_id)
+            self.update_store.recover()
+            self.update_receiver = UpdateReceiver(self.update_store, Path(cfg.update_public_key), cfg.device_id,
+                                                  trial_s=cfg.update_trial_s, max_bytes=256 * 1024 * 1024)
+
+    def _record(self, kind: str, record: dict[str, Any]) -> None:
+        if self.control is not None:
+            self.control.metrics.record(record["pipeline"], kind, record.get("latency_ms"))
+        if self.on_record is not None:
+            self.on_record(kind, record)
+
+    def reload(self, new_config: AgentConfig | None = None) -> dict[str, Any]:
+        """Reload models and task options (from the config file when there is one); all or nothing.
+
+        Sources, sinks, broker and device id need a restart: that is refused with restart_required.
+        """
+        from edge_slm.commands import CommandError
+        from edge_slm.config import load_agent_config
+
+        with self._reload_lock:
+            cfg = new_config or (load_agent_config(self.config_path) if self.config_path else self.config)
+            old = self.config
+            shape = lambda c: (c.device_id, c.mqtt, [(p.name, p.source, tuple(p.sinks)) for p in c.pipelines])  # noqa: E731
+            if shape(cfg) != shape(old):
+                raise CommandError("restart_required", "device_id, [mqtt] or a pipeline's name/source/sinks changed; "
+                                   "restart the agent to apply that")
+            tasks = self._load_tasks(cfg)  # raises before anything is swapped
+            for pipe, task in zip(self.pipelines, tasks):
+                pipe.task = task
+            self.config = cfg
+            log.info("reloaded %d pipelines", len(tasks))
+            return {"reloaded": [p.name for p in self.pipelines],
+                    "models": {p.name: p.task.package.identity() for p in self.pipelines}}
+
+    def apply_config_text(self, toml_text: str) -> dict[str, Any]:
+        """Validate a whole new AGENT.toml, reload with it, then write it over the config file."""
+        import os
+        import sys
+
+        from edge_slm.commands import CommandError
+        from edge_slm.config import agent_config_from_dict
+
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        if self.config_path is None:
+            raise CommandError("no_config_file", "this agent was not started from a config file")
+        try:
+            data = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise CommandError("bad_config", f"invalid TOML: {exc}") from exc
+        cfg = agent_config_from_dict(data, "config command", self.config_path.parent.resolve())
+        result = self.reload(cfg)
+        tmp = self.config_path.with_suffix(".toml.tmp")
+        tmp.write_text(toml_text, encoding="utf-8")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.config_path)
+        return result | {"written": str(self.config_path)}
+
+    def adopt_update(self) -> dict[str, Any]:
+        """After a verified update: load the new package into the pipelines serving its name; commit the
+        trial when it loads, roll back when it does not."""
+        store = self.update_store
+        new = store.current_package()
+        try:
+            with self._reload_lock:
+                swapped = []
+                for pipe, p in zip(self.pipelines, self.config.pipelines):
+                    if pipe.task.package.name == new.name:
+                        pipe.task = load_task(new, threads=p.threads or None, backend=self.config.runtime or None,
+                                              options=p)
+                        swapped.append(pipe.name)
+            if not swapped:
+                raise RuntimeError(f"no pipeline serves a model named {new.name!r}")
+        except Exception:
+            store.rollback()
+            raise
+        store.commit()
+        log.info("model update %s %s applied to %s", new.name, new.version, ", ".join(swapped))
+        return {"pipelines": swapped, "model": new.identity()}
 
     @property
     def finite(self) -> bool:
@@ -127,12 +258,31 @@ class Agent:
         for pipe in self.pipelines:
             if not pipe.join(drain_timeout):
                 log.warning("pipeline %s did not drain in %.0fs", pipe.name, drain_timeout)
+        if self.control is not None:
+            self.control.publish_metrics()
+            self.control.stop()
+        if self.outbox_sender is not None:
+            timeout = self.config.outbox.drain_timeout_s
+            if not self.outbox_sender.wait_drained(timeout):
+                log.warning("outbox: %d records not acknowledged within %.0fs; they are sent on the next start",
+                            self.outbox_sender.outbox.depth, timeout)
+            self.outbox_sender.close()
+            self.outbox_sender = None
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
         if self.link is not None:
             self.link.close(timeout=5.0)
         if self.seq is not None:
             self.seq.close()
         self._started = False
         log.info("agent %s stopped", self.config.device_id)
+
+    def outbox_stats(self) -> dict[str, Any] | None:
+        """depth, bytes, dropped {overflow, expired}, rejected, sent, acked, inflight; None without an outbox."""
+        if self.outbox_sender is not None:
+            return self.outbox_sender.stats()
+        return self.outbox.stats() if self.outbox is not None else None
 
     def run_forever(self) -> None:
         """start(), serve until SIGINT/SIGTERM (or the end of finite sources), close()."""

@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, broker=args.broker))
     _setup_logging(args.log_level or cfg.log_level)
-    Agent(cfg).run_forever()
+    Agent(cfg, config_path=args.config).run_forever()
     return 0
 
 
@@ -312,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", help="MQTT password (visible to other local users in the process list)")
     p.add_argument("--json", action="store_true", help="print the device's reply as JSON")
     p.set_defaults(func=_host("devices.publish_model", "cmd_publish_model"))
+    p = sub.add_parser("status", help="a device's status and metrics, read from the broker", formatter_class=fmt,
+                       description="Reads the retained status (online/offline) and the latest metrics message the "
+                       "agent publishes under <prefix>/<device>/ and prints them.",
+                       epilog="example:\n  edge-slm status kitchen-pi --broker mqtt://broker.lan:1883")
+    p.add_argument("device_id")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--prefix", default="edge-slm", help="topic prefix the agent uses")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for retained messages")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_host("devices.status", "cmd_status"))
+
     return parser
 
 

@@ -38,6 +38,22 @@ class MqttConfig:
     keepalive: int = 30
     connect_timeout_s: float = 10.0
     qos: int = 1
+    fallback_brokers: list[str] = field(default_factory=list)  # tried in order when broker is down
+    protocol: str = "5"  # "5" or "3.1.1"
+    session_expiry_s: int = 3600  # MQTT 5: how long the broker keeps the session (queued inputs)
+    ca_file: str = ""  # TLS: CA bundle that signed the broker's certificate (default: system CAs)
+    cert_file: str = ""  # TLS client certificate
+    key_file: str = ""
+    reconnect_min_s: float = 0.5  # backoff: first window; doubles per failure, full jitter
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    """MQTT discovery: a sensor per pipeline, re-announced when Home Assistant restarts."""
+
+    enabled: bool = True
+    prefix: str = "homeassistant"
 
 
 @dataclass(frozen=True)
@@ -72,12 +88,30 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class OutboxConfig:
+    """The durable outbox: results and errors wait on disk until the broker acknowledges them."""
+
+    enabled: bool = True
+    max_bytes: int = 64 * 1024 * 1024
+    max_age_s: float = 7 * 24 * 3600.0
+    overflow: str = "drop_oldest"  # or "reject_new"
+    sync: str = "normal"  # "full": also survive a power cut, at one fsync per record
+    window: int = 100  # published but not yet acknowledged
+    drain_timeout_s: float = 10.0  # on shutdown, how long to wait for acks before saying offline
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The whole agent: identity, broker and pipelines."""
 
     device_id: str
     pipelines: list[PipelineConfig]
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    metrics_interval_s: float = 30.0
+    update_public_key: str = ""  # PEM file pinning who may sign model updates; "" refuses updates
+    update_trial_s: float = 300.0
     state_dir: str = "~/.local/state/edge-slm"
     runtime: str = ""
     log_level: str = "INFO"
@@ -190,8 +224,24 @@ def _check(cfg: AgentConfig, where: str) -> None:
         if any(not x for x in g.stop):
             raise ConfigError(f"{where}: {key}.generation.stop must not contain empty strings")
     m = cfg.mqtt
-    if not m.broker.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(f"{where}: mqtt.broker {m.broker!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+    for i, b in enumerate([m.broker, *m.fallback_brokers]):
+        key = "mqtt.broker" if i == 0 else f"mqtt.fallback_brokers[{i - 1}]"
+        if not b.startswith(("mqtt://", "mqtts://")) or not b.split("://", 1)[1].strip("/"):
+            raise ConfigError(f"{where}: {key} {b!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if m.protocol not in ("5", "3.1.1"):
+        raise ConfigError(f"{where}: mqtt.protocol must be \"5\" or \"3.1.1\", got {m.protocol!r}")
+    if not 0 <= m.session_expiry_s <= 2**32 - 1:
+        raise ConfigError(f"{where}: mqtt.session_expiry_s must be 0 to 4294967295 seconds")
+    if bool(m.cert_file) != bool(m.key_file):
+        raise ConfigError(f"{where}: mqtt.cert_file and mqtt.key_file go together")
+    if not 0 < m.reconnect_min_s <= m.reconnect_max_s < float("inf"):
+        raise ConfigError(f"{where}: mqtt.reconnect_min_s must be > 0 and <= mqtt.reconnect_max_s")
+    if not 0 < cfg.metrics_interval_s < float("inf"):
+        raise ConfigError(f"{where}: metrics_interval_s must be a positive number of seconds")
+    if not 0 < cfg.update_trial_s < float("inf"):
+        raise ConfigError(f"{where}: update_trial_s must be a positive number of seconds")
+    if not cfg.homeassistant.prefix or any(c in cfg.homeassistant.prefix for c in "#+"):
+        raise ConfigError(f"{where}: homeassistant.prefix must be a topic prefix without # or +")
     if m.qos not in (0, 1, 2):
         raise ConfigError(f"{where}: mqtt.qos must be 0, 1 or 2")
     if not 5 <= m.keepalive <= 3600:
@@ -200,6 +250,19 @@ def _check(cfg: AgentConfig, where: str) -> None:
         raise ConfigError(f"{where}: mqtt.connect_timeout_s must be a positive number")
     if not m.topic_prefix or any(c in m.topic_prefix for c in "#+") or m.topic_prefix.endswith("/"):
         raise ConfigError(f"{where}: mqtt.topic_prefix {m.topic_prefix!r} must be non-empty, without # + or a trailing /")
+    o = cfg.outbox
+    if not 1024 <= o.max_bytes <= 2**40:
+        raise ConfigError(f"{where}: outbox.max_bytes must be 1024 to 2**40 bytes")
+    if not 0 < o.max_age_s < float("inf"):
+        raise ConfigError(f"{where}: outbox.max_age_s must be a positive number of seconds")
+    if o.overflow not in ("drop_oldest", "reject_new"):
+        raise ConfigError(f"{where}: outbox.overflow must be \"drop_oldest\" or \"reject_new\", got {o.overflow!r}")
+    if o.sync not in ("normal", "full"):
+        raise ConfigError(f"{where}: outbox.sync must be \"normal\" or \"full\", got {o.sync!r}")
+    if not 1 <= o.window <= 10000:
+        raise ConfigError(f"{where}: outbox.window must be 1-10000 messages")
+    if not 0 <= o.drain_timeout_s < float("inf"):
+        raise ConfigError(f"{where}: outbox.drain_timeout_s must be a number of seconds >= 0")
     if cfg.runtime not in ("", "ai-edge-litert", "tflite-runtime", "tensorflow"):
         raise ConfigError(f"{where}: runtime must be ai-edge-litert, tflite-runtime or tensorflow")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -231,7 +294,10 @@ def _resolve_paths(cfg: AgentConfig, base: Path, where: str) -> AgentConfig:
         if source.startswith("file://"):
             source = "file://" + res(source.removeprefix("file://"))
         pipes.append(dataclasses.replace(p, model=res(p.model), source=source))
-    return dataclasses.replace(cfg, pipelines=pipes, state_dir=res(cfg.state_dir))
+    mqtt = dataclasses.replace(cfg.mqtt, **{k: res(getattr(cfg.mqtt, k)) for k in ("ca_file", "cert_file", "key_file")
+                                            if getattr(cfg.mqtt, k)})
+    key = res(cfg.update_public_key) if cfg.update_public_key else ""
+    return dataclasses.replace(cfg, pipelines=pipes, state_dir=res(cfg.state_dir), mqtt=mqtt, update_public_key=key)
 
 
 def load_agent_config(path: str | Path) -> AgentConfig:

@@ -16,8 +16,12 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from edge_slm.backoff import Backoff
 from edge_slm.errors import BrokerError, ConfigError
+from edge_slm.netloop import NetworkLoop
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +108,19 @@ class MqttLink:
         password: str = "",
         keepalive: int = 30,
         qos: int = 1,
+        fallback_brokers: list[str] | None = None,
+        protocol: str = "5",
+        session_expiry_s: int = 3600,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
     ) -> None:
-        self.address = parse_broker_url(broker)
+        self.addresses = [parse_broker_url(b) for b in [broker, *(fallback_brokers or [])]]
+        self.address = self.addresses[0]
+        self.protocol = protocol
+        self.session_expiry_s = session_expiry_s
         self.topics = topics
         self.qos = qos
         self._subs: dict[str, MessageHandler] = {}
@@ -121,21 +136,31 @@ class MqttLink:
         self._unacked: set[int] = set()
         self._acked_early: set[int] = set()
         self._ack_cv = threading.Condition()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,
-        )
+        # Called with the mid of every publish paho reports done (PUBACK for QoS 1, written for QoS 0),
+        # on paho's network thread while paho holds its message lock: it must be quick and must not
+        # call publish() (the outbox only queues the mid for its sender thread).
+        self.on_ack: Callable[[int], None] | None = None
+        # A persistent session (MQTT 5: clean_start False + an explicit expiry; 3.1.1: clean_session
+        # False) lets the broker queue inputs for the device while it is away.
+        if protocol == "5":
+            self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        else:
+            self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                                      clean_session=False)
         self.keepalive = keepalive
         # 0 = unlimited: paho must never drop an outgoing QoS 1 result on its own.
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         if username:
             self.client.username_pw_set(username, password or None)
-        if self.address.tls:
-            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if any(a.tls for a in self.addresses) or ca_file or cert_file:
+            try:
+                self.client.tls_set(ca_certs=ca_file or None, certfile=cert_file or None, keyfile=key_file or None,
+                                    cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"[mqtt] TLS files cannot be used ({exc}); check ca_file, cert_file and key_file") from exc
+        self.loop = NetworkLoop(self.client, self.addresses, Backoff(reconnect_min_s, reconnect_max_s),
+                                self._connect_to)
         self.client.will_set(topics.status, b"offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -146,12 +171,22 @@ class MqttLink:
         # until a delayed ACK: measured 88 ms per round trip here instead of 0.5 ms. paho never sets it.
         self.client.on_socket_open = _set_nodelay
 
-    # paho callbacks run on its network thread.
+    def _connect_to(self, client: paho.Client, address: BrokerAddress) -> None:
+        if self.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+            client.connect(address.host, address.port, keepalive=self.keepalive, clean_start=False, properties=props)
+        else:
+            client.connect(address.host, address.port, keepalive=self.keepalive)
+
+    # paho callbacks run on the network thread.
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code.is_failure:
             self._connect_error = str(reason_code)
-            log.warning("broker %s refused the connection: %s", self.address.url, reason_code)
+            log.warning("broker %s refused the connection: %s", self.loop.current.url, reason_code)
             return
+        self.address = self.loop.current
+        self.loop.mark_connected()
         if self._ever_connected:
             self.reconnects += 1
             log.info("reconnected to %s", self.address.url)
@@ -209,23 +244,28 @@ class MqttLink:
                 self.client.publish(self.topics.status, b"online", qos=1, retain=True)
 
     def connect(self, timeout: float = 10.0) -> None:
-        """Connect and wait for CONNACK; BrokerError with the reason if that does not happen in time."""
-        url = self.address.url
-        try:
-            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive)
-        except (OSError, socket.gaierror) as exc:
-            raise BrokerError(
-                f"cannot reach broker {url}: {exc.strerror or exc}; start a broker there or set [mqtt].broker"
-            ) from exc
-        self.client.loop_start()
+        """Connect to the first broker that answers (in order) and wait for CONNACK, then keep the
+        connection up on the network thread. BrokerError with every broker's reason if none answers."""
+        urls = ", ".join(a.url for a in self.addresses)
+        errors = []
         deadline = time.monotonic() + timeout
-        while not self._connected.wait(0.05):
-            if self._connect_error is not None:
-                self.client.loop_stop()
-                raise BrokerError(f"broker {url} refused the connection: {self._connect_error}; check [mqtt] username/password")
-            if time.monotonic() > deadline:
-                self.client.loop_stop()
-                raise BrokerError(f"no answer from broker {url} within {timeout:g}s; check [mqtt].broker")
+        for _ in self.addresses:
+            if self.loop.try_connect_once():
+                while not self._connected.is_set() and self._connect_error is None and time.monotonic() < deadline:
+                    self.loop.pump(0.05)
+                if self._connected.is_set():
+                    self.loop.start()
+                    return
+                if self._connect_error is not None:
+                    self.client.disconnect()
+                    raise BrokerError(f"broker {self.loop.current.url} refused the connection: {self._connect_error}; "
+                                      "check [mqtt] username/password or the client certificate")
+                hint = " (a broker that only speaks MQTT 3.1.1, like amqtt, needs [mqtt].protocol = \"3.1.1\")" \
+                    if self.protocol == "5" else ""
+                errors.append(f"{self.loop.current.url}: no CONNACK within {timeout:g}s{hint}")
+            else:
+                errors.append(self.loop.last_error)
+        raise BrokerError(f"cannot reach broker {urls}: {'; '.join(errors)}; start a broker there or set [mqtt].broker")
 
     @property
     def connected(self) -> bool:
@@ -238,6 +278,9 @@ class MqttLink:
             else:
                 self._acked_early.add(mid)
             self._ack_cv.notify_all()
+        on_ack = self.on_ack
+        if on_ack is not None:
+            on_ack(mid)
 
     def publish(self, topic: str, payload: bytes, *, qos: int | None = None, retain: bool = False) -> int:
         """Queue a message (kept by paho across reconnects for QoS>0); returns its message id."""
@@ -279,5 +322,5 @@ class MqttLink:
             self.publish(self.topics.status, b"offline", qos=1, retain=True)
             self.wait_acked(max(0.1, deadline - time.monotonic()))
         self.client.disconnect()
-        self.client.loop_stop()
+        self.loop.stop()
         return acked

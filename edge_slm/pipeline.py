@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_slm.errors import InputError
+from edge_slm.errors import EdgeSlmError, InputError
 from edge_slm.mqtt import MqttLink, Topics
+from edge_slm.outbox import Outbox
 from edge_slm.seq import SeqCounter
 from edge_slm.sources import RawInput, next_input_id
 from edge_slm.tasks import Task
@@ -97,11 +98,12 @@ class StdoutSink:
 
 
 class MqttSink:
-    """Publishes results and errors at the configured QoS; the link tracks acknowledgements."""
+    """Publishes results and errors at the configured QoS, through the durable outbox when there is one."""
 
-    def __init__(self, link: MqttLink, topics: Topics) -> None:
+    def __init__(self, link: MqttLink, topics: Topics, outbox: Outbox | None = None) -> None:
         self.link = link
         self.topics = topics
+        self.outbox = outbox
 
     def emit(self, kind: str, pipeline: str, record: dict[str, Any]) -> None:
         if kind == "token":
@@ -109,7 +111,17 @@ class MqttSink:
             self.link.publish(self.topics.tokens(pipeline), json.dumps(record, separators=(",", ":")).encode(), qos=0)
             return
         topic = self.topics.result(pipeline) if kind == "result" else self.topics.error(pipeline)
-        self.link.publish(topic, json.dumps(record, separators=(",", ":")).encode())
+        payload = json.dumps(record, separators=(",", ":")).encode()
+        if self.outbox is None:
+            self.link.publish(topic, payload)
+            return
+        try:
+            # False: refused by outbox.overflow = "reject_new"; the outbox counts and logs it.
+            self.outbox.put(topic, payload)
+        except EdgeSlmError:
+            # The disk refused it: paho's memory still delivers it unless this process dies first.
+            log.exception("pipeline %s: outbox write failed; publishing seq %s without it", pipeline, record.get("seq"))
+            self.link.publish(topic, payload)
 
     def close(self) -> None:
         pass

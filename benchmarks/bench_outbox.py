@@ -1,0 +1,324 @@
+"""Durable outbox benchmark: results/s through one agent with the outbox off vs on (sync normal, full),
+and what durability costs per message (µs to store a record, µs to delete it on its PUBACK).
+
+Host script. The agent runs as `edge-slm run` in a subprocess against a mosquitto this script starts
+(set_tcp_nodelay true); inputs come from a file:// source, so input delivery is not what is measured.
+Modes run interleaved round by round, so drift on the machine hits all of them alike.
+
+    .venv/bin/python benchmarks/bench_outbox.py [--messages 5000] [--rounds 3] [--package DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import paho.mqtt.client as paho  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from edge_slm.mqtt import Topics, parse_broker_url  # noqa: E402
+from edge_slm.outbox import Outbox  # noqa: E402
+from edge_slm.table import format_table  # noqa: E402
+
+PIPELINE = "intent"
+MODES = [("off", "outbox off (paho memory only)"), ("normal", "outbox on, sync=normal"),
+         ("full", "outbox on, sync=full")]
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- machine ---------------------------------------------------------------------------------------
+def filesystem_of(path: Path) -> str:
+    """The mount (device and type) that holds path: fsync cost depends on it more than on the CPU."""
+    best = ("?", "?", "")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            if str(path.resolve()).startswith(mnt) and len(mnt) >= len(best[2]):
+                best = (dev, fstype, mnt)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[0]} ({best[2]})"
+
+
+def machine(workdir: Path, mosquitto: str) -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                   if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mosq = subprocess.run([mosquitto, "-h"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        mosq = "?"
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "paho-mqtt": metadata.version("paho-mqtt"), "broker": mosq,
+            "state_dir disk": filesystem_of(workdir), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+# --- a model package -------------------------------------------------------------------------------
+def build_package(workdir: Path) -> Path:
+    """The tiny smart-home intent classifier the tests use (TensorFlow, host side, ~15 s)."""
+    from converters.convert import convert_model
+    from converters.datasets.smart_home import LABELS, generate
+    from converters.text_classifier import train_text_classifier
+    from converters.tf_env import silenced
+
+    train, test = generate(per_intent=200)
+    with silenced():
+        keras_path, tok, enc = train_text_classifier(train.texts, train.labels, len(LABELS), workdir / "train",
+                                                     epochs=6)
+    calib = workdir / "calib.npz"
+    np.savez(calib, x=enc.encode_batch(train.texts[:200]))
+    result = convert_model(keras_path, workdir / "pkg", calib=calib, quantize="auto", tokenizer=tok, labels=LABELS,
+                           name="intents", progress=False)
+    return result.package.path
+
+
+# --- 1. results/s through an agent -----------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mosquitto(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    conf = workdir / f"mosquitto-{port}.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+                    "set_tcp_nodelay true\npersistence false\nlog_dest stdout\nlog_type error\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=open(workdir / "mosquitto.log", "wb"),
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"mqtt://127.0.0.1:{port}"
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"mosquitto did not listen on {port}; see {workdir / 'mosquitto.log'}")
+
+
+class Counter:
+    """Subscribes to one result topic at QoS 1 and timestamps each arrival."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        addr = parse_broker_url(url)
+        self.arrivals: list[float] = []
+        self.ids: list[str] = []
+        self.cv = threading.Condition()
+        ready = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-outbox-{free_port()}")
+        c.max_queued_messages_set(0)
+        c.on_socket_open = lambda cl, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1)
+        c.on_subscribe = lambda cl, u, mid, rc, p: ready.set()
+        c.on_message = self._message
+        c.connect(addr.host, addr.port)
+        c.loop_start()
+        self.client = c
+        if not ready.wait(10):
+            raise RuntimeError(f"could not subscribe to {topic} on {url}")
+
+    def _message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        t = time.perf_counter()
+        input_id = json.loads(msg.payload)["input_id"]
+        with self.cv:
+            self.arrivals.append(t)
+            self.ids.append(input_id)
+            self.cv.notify_all()
+
+    def wait(self, n: int, timeout: float) -> bool:
+        with self.cv:
+            return self.cv.wait_for(lambda: len(self.arrivals) >= n, timeout)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_agent(mode: str, rnd: int, url: str, pkg: Path, inputs: Path, n: int, workdir: Path) -> dict[str, Any]:
+    device = f"bench-ob-{mode}-{rnd}"
+    outbox = "enabled = false" if mode == "off" else f'enabled = true\nsync = "{mode}"'
+    conf = workdir / f"{device}.toml"
+    conf.write_text(f'device_id = "{device}"\nstate_dir = "{workdir / "state" / device}"\nlog_level = "INFO"\n\n'
+                    f'[mqtt]\nbroker = "{url}"\n\n[outbox]\n{outbox}\ndrain_timeout_s = 120.0\n\n'
+                    f'[[pipelines]]\nname = "{PIPELINE}"\nmodel = "{pkg}"\nsource = "file://{inputs}"\n'
+                    'sinks = ["mqtt"]\n')
+    counter = Counter(url, Topics("edge-slm", device).result(PIPELINE))
+    log = workdir / f"{device}.log"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "run", str(conf)], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, cwd=workdir)
+    try:
+        complete = counter.wait(n, 180)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own CPU time, not the broker's or ours
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        counter.close()
+    if rc != 0 or not complete:
+        raise RuntimeError(f"{device}: exit {rc}, {len(counter.arrivals)} of {n} results; see {log}")
+    first, last = counter.arrivals[0], counter.arrivals[n - 1]
+    return {"mode": mode, "round": rnd, "results": len(counter.arrivals), "unique": len(set(counter.ids)),
+            "results_per_s": (n - 1) / (last - first), "stream_s": last - first, "agent_wall_s": wall,
+            "agent_cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def bench_agent(pkg: Path, workdir: Path, n: int, rounds: int, mosquitto: str) -> list[dict[str, Any]]:
+    from converters.datasets.smart_home import generate
+
+    texts = generate(per_intent=50)[1].texts
+    inputs = workdir / "inputs.txt"
+    inputs.write_text("".join(f"{texts[i % len(texts)]}\n" for i in range(n)))
+    broker, url = start_mosquitto(mosquitto, workdir)
+    runs = []
+    try:
+        for rnd in range(1, rounds + 1):
+            for mode, _ in MODES:
+                r = run_agent(mode, rnd, url, pkg, inputs, n, workdir)
+                say(f"round {rnd} {mode:>6}: {r['results_per_s']:8.0f} results/s, {r['results']} delivered "
+                    f"({r['unique']} unique), agent {r['agent_wall_s']:.1f}s wall, {r['agent_cpu_s']:.1f}s CPU")
+                runs.append(r)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    return runs
+
+
+# --- 2. what durability costs per message ----------------------------------------------------------
+def bench_durability(workdir: Path, n: int, sync: str, record: bytes) -> dict[str, Any]:
+    """Store n records one by one (as the pipeline does), then delete each on its own (as a PUBACK does)."""
+    path = workdir / f"durability-{sync}.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    ob = Outbox(path, sync=sync)
+    topic = "edge-slm/bench/intent/result"
+    clock = time.perf_counter
+    put = np.empty(n)
+    for i in range(n):
+        t = clock()
+        ob.put(topic, record)
+        put[i] = clock() - t
+    ids = [r.id for r in ob.read(0, n)]
+    ack = np.empty(n)
+    for i, row_id in enumerate(ids):
+        t = clock()
+        ob.ack([row_id])
+        ack[i] = clock() - t
+    ob.close()
+    put_us, ack_us = put * 1e6, ack * 1e6
+    per_msg = float(put_us.mean() + ack_us.mean())
+    return {"sync": sync, "records": n, "record_bytes": len(record) + len(topic),
+            "put_p50_us": float(np.percentile(put_us, 50)), "put_p99_us": float(np.percentile(put_us, 99)),
+            "put_mean_us": float(put_us.mean()), "ack_p50_us": float(np.percentile(ack_us, 50)),
+            "ack_mean_us": float(ack_us.mean()), "us_per_message": per_msg, "max_msgs_per_s": 1e6 / per_msg}
+
+
+# --- report ----------------------------------------------------------------------------------------
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for mode, label in MODES:
+        rs = [r for r in runs if r["mode"] == mode]
+        rates = [r["results_per_s"] for r in rs]
+        out.append({"mode": mode, "label": label, "median_results_per_s": statistics.median(rates),
+                    "min": min(rates), "max": max(rates), "agent_wall_s": statistics.median(r["agent_wall_s"] for r in rs),
+                    "agent_cpu_s": statistics.median(r["agent_cpu_s"] for r in rs),
+                    "delivered": sum(r["results"] for r in rs), "unique": sum(r["unique"] for r in rs)})
+    base = out[0]["median_results_per_s"]
+    for s in out:
+        s["vs_off"] = s["median_results_per_s"] / base
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=5000, help="inputs per agent run")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per mode, interleaved")
+    ap.add_argument("--durability-records", type=int, default=5000, help="records per sync mode in part 2")
+    ap.add_argument("--package", help="a model package directory (default: train the tiny intent model)")
+    ap.add_argument("--workdir", help="keep configs, logs and outbox files here (default: a temp dir)")
+    ap.add_argument("--json", action="store_true", help="print every number as JSON instead of tables")
+    args = ap.parse_args()
+
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    tmp = None
+    if args.workdir:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="edge-slm-bench-outbox-")
+        workdir = Path(tmp.name)
+    try:
+        mach = machine(workdir, mosquitto)
+        pkg = Path(args.package).resolve() if args.package else build_package(workdir)
+        say(f"package {pkg}; {args.rounds} rounds x {len(MODES)} modes x {args.messages} inputs")
+        runs = bench_agent(pkg, workdir, args.messages, args.rounds, mosquitto)
+        record = json.dumps({"schema_version": 1, "device_id": "bench", "pipeline": PIPELINE, "seq": 123456,
+                             "ts": time.time(), "input_id": "file:inputs.txt:123456",
+                             "model": {"name": "intents", "version": "1.0.0", "sha256": "0" * 64},
+                             "output": {"label": "lights_on", "score": 0.997, "top": [
+                                 {"label": "lights_on", "score": 0.997}, {"label": "set_brightness", "score": 0.0017},
+                                 {"label": "close_blinds", "score": 0.0004}]}, "latency_ms": 2.5},
+                            separators=(",", ":")).encode()
+        durability = [bench_durability(workdir, args.durability_records, s, record) for s in ("normal", "full")]
+        mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        summary = summarize(runs)
+        lossless = all(r["unique"] == args.messages for r in runs)
+        if args.json:
+            print(json.dumps({"machine": mach, "agent_runs": runs, "agent_summary": summary,
+                              "durability": durability, "lossless": lossless}, indent=2))
+            return 0 if lossless else 1
+        print(format_table(["machine", ""], [[k, v] for k, v in mach.items()]))
+        print()
+        print(f"Results/s through one agent: file source of {args.messages} inputs -> mqtt sink -> mosquitto "
+              f"(set_tcp_nodelay true) -> a QoS 1 subscriber; first to last arrival; median of {args.rounds} "
+              "interleaved rounds")
+        print(format_table(
+            ["mode", "results/s", "min", "max", "vs off", "agent wall s", "agent CPU s", "delivered", "unique"],
+            [[s["label"], f"{s['median_results_per_s']:.0f}", f"{s['min']:.0f}", f"{s['max']:.0f}",
+              f"{s['vs_off']:.2f}x", f"{s['agent_wall_s']:.2f}", f"{s['agent_cpu_s']:.2f}", s["delivered"],
+              s["unique"]] for s in summary]))
+        print()
+        print(f"Cost of durability per message: Outbox.put() then Outbox.ack() of one {durability[0]['record_bytes']}-byte "
+              f"record, each its own transaction, {args.durability_records} records, one thread")
+        print(format_table(
+            ["sync", "put p50 µs", "put p99 µs", "put mean µs", "ack p50 µs", "ack mean µs", "µs/message",
+             "max msg/s"],
+            [[d["sync"], f"{d['put_p50_us']:.1f}", f"{d['put_p99_us']:.1f}", f"{d['put_mean_us']:.1f}",
+              f"{d['ack_p50_us']:.1f}", f"{d['ack_mean_us']:.1f}", f"{d['us_per_message']:.1f}",
+              f"{d['max_msgs_per_s']:.0f}"] for d in durability]))
+        print()
+        print("lossless (every input's result arrived in every run):", "yes" if lossless else "NO")
+        return 0 if lossless else 1
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
