@@ -71,7 +71,7 @@ class Outbox:
         self.sync = sync
         self._clock = clock
         self._lock = threading.Lock()
-        self.on_put: Callable[[], None] | None = None  # the sender's wake-up
+        self.on_put: Callable[[Row], None] | None = None  # the sender's, called after each accepted put
         self._dropped = {"overflow": 0, "expired": 0}
         self._rejected = 0
         self._acked = 0
@@ -134,8 +134,9 @@ class Outbox:
             if size > self.max_bytes:  # could never fit, whatever the policy drops
                 return self._reject()
             try:
+                ts = self._clock()
                 if self._bytes + size <= self.max_bytes:  # the common case: one statement, its own transaction
-                    self._db.execute(insert, (self._clock(), size, topic, payload))
+                    row_id = self._db.execute(insert, (ts, size, topic, payload)).lastrowid
                 else:
                     self._db.execute("BEGIN IMMEDIATE")
                     dropped["expired"] = self._delete_expired()
@@ -145,7 +146,7 @@ class Outbox:
                         return self._reject()
                     if over > 0:
                         dropped["overflow"] = self._delete_oldest(over)
-                    self._db.execute(insert, (self._clock(), size, topic, payload))
+                    row_id = self._db.execute(insert, (ts, size, topic, payload)).lastrowid
                     self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -166,7 +167,7 @@ class Outbox:
                         self.path, self.max_bytes)
         on_put = self.on_put
         if on_put is not None:
-            on_put()
+            on_put(Row(row_id, ts, topic, payload))
         return True
 
     def _reject(self) -> bool:
@@ -338,7 +339,10 @@ class OutboxSender:
         self._first_ack_at = 0.0  # when _acked_rows last became non-empty
         self._sent = 0
         self._rewind_to: int | None = None  # set by a resend: move the cursor back to here
-        self._cursor = 0  # the highest row id handed to the link (sender thread only)
+        # Held by whoever hands rows to the link (the sender thread, or a pipeline thread on the fast
+        # path), so rows go out in id order; guards _cursor and _sent.
+        self._send_lock = threading.Lock()
+        self._cursor = 0  # the highest row id handed to the link
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected_since: float | None = None
@@ -353,9 +357,21 @@ class OutboxSender:
         self.outbox.on_put = self._on_put
         self._thread.start()
 
-    def _on_put(self) -> None:
-        # With less than _refill_at free, the ack that frees enough wakes the thread instead.
-        if self.window - len(self._inflight) >= self._refill_at:
+    def _on_put(self, row: Row) -> None:
+        # The pipeline's thread, right after the row is committed. With nothing older still to send
+        # and room in the window, hand it over here: no thread switch per result. Otherwise the
+        # thread sends it in order; with less than _refill_at free, the ack that frees enough wakes it.
+        busy = not self._send_lock.acquire(blocking=False)
+        if not busy:
+            try:
+                with self._lock:
+                    next_in_line = (self._rewind_to is None and self._cursor == row.id - 1
+                                    and len(self._inflight) < self.window)
+                if next_in_line and self._hand_over(row, time.monotonic()):
+                    return
+            finally:
+                self._send_lock.release()
+        if busy or self.window - len(self._inflight) >= self._refill_at:
             self._wake.set()
 
     def _on_ack(self, mid: int) -> None:
@@ -459,40 +475,50 @@ class OutboxSender:
         log.warning("outbox: %s resending %d unacknowledged records", why, n)
 
     def _fill_window(self, now: float) -> int:
+        with self._send_lock:
+            with self._lock:
+                if self._rewind_to is not None:
+                    self._cursor = min(self._cursor, self._rewind_to)
+                    self._rewind_to = None
+                room = self.window - len(self._inflight)
+            if room < self._refill_at:
+                return 0
+            rows = self.outbox.read(self._cursor, room)
+            sent = 0
+            for row in rows:
+                if not self._hand_over(row, now):
+                    break
+                sent += 1
+            return sent
+
+    def _hand_over(self, row: Row, now: float) -> bool:
+        """Publish one row (the caller holds _send_lock); False when the rows after it must wait."""
         with self._lock:
-            if self._rewind_to is not None:
-                self._cursor = min(self._cursor, self._rewind_to)
-                self._rewind_to = None
-            room = self.window - len(self._inflight)
-        if room < self._refill_at:
-            return 0
-        sent = 0
-        for row in self.outbox.read(self._cursor, room):
-            with self._lock:
-                mark = self._ack_count
-                if len(self._early) > 1000:  # acks of status/token publishes; none can be for a later publish
-                    self._early = {m: n for m, n in self._early.items() if n > mark}
-            try:
-                mid = self.link.publish(row.topic, row.payload)
-            except BrokerError:
-                break  # paho's queue refused it (a mid still in use): try again on the next pass
-            sent += 1
-            with self._lock:
-                number = self._early.pop(mid, None)
-                lost = None
-                if number is not None and number > mark:  # its PUBACK was handled before publish() returned
-                    self._acked_rows.append(row.id)
-                    self._wake.set()
-                else:
-                    lost = self._inflight.pop(mid, None)
-                    self._inflight[mid] = _InFlight(row.id, mark, now)
-            if lost is not None:
-                # paho reuses a mid only once it has forgotten the message that had it: send that row again.
-                self._cursor = min(self._cursor, lost.row_id - 1)
-                break
-            self._cursor = row.id
-        self._sent += sent
-        return sent
+            mark = self._ack_count
+            if len(self._early) > 1000:  # acks of status/token publishes; none can be for a later publish
+                self._early = {m: n for m, n in self._early.items() if n > mark}
+        try:
+            mid = self.link.publish(row.topic, row.payload)
+        except BrokerError:
+            return False  # paho's queue refused it (a mid still in use): try again on the next pass
+        self._sent += 1
+        with self._lock:
+            number = self._early.pop(mid, None)
+            lost = None
+            if number is not None and number > mark:  # its PUBACK was handled before publish() returned
+                self._acked_rows.append(row.id)
+                if len(self._acked_rows) == 1:
+                    self._first_ack_at = now
+                self._wake.set()
+            else:
+                lost = self._inflight.pop(mid, None)
+                self._inflight[mid] = _InFlight(row.id, mark, now)
+        if lost is not None:
+            # paho reuses a mid only once it has forgotten the message that had it: send that row again.
+            self._cursor = min(self._cursor, lost.row_id - 1)
+            return False
+        self._cursor = row.id
+        return True
 
     @property
     def inflight(self) -> int:

@@ -207,7 +207,8 @@ def run_cli(*args: str, timeout: float = 300, input: bytes | None = None, env: d
 class Collector:
     """A real paho client that records every message on some topics, for assertions."""
 
-    def __init__(self, url: str, *topics: str, persistent: bool = False) -> None:
+    def __init__(self, url: str, *topics: str, persistent: bool = False, username: str = "", password: str = "",
+                 tls: tuple | None = None, client_id: str | None = None) -> None:
         import threading
 
         import paho.mqtt.client as paho
@@ -219,8 +220,12 @@ class Collector:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._cv = threading.Condition()
         self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{free_port()}",
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"collector-{free_port()}",
                                   clean_session=not persistent)
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
         self.client.reconnect_delay_set(0.2, 1)
         self.client.max_queued_messages_set(0)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +78,10 @@ def secure_mosquitto_conf(directory: Path, tls_port: int, password_port: int, pk
     acl = directory / "acl"
     acl.write_text("user admin\ntopic read #\n\npattern readwrite edge-slm/%u/#\npattern read homeassistant/status\n")
     conf = directory / "mosquitto-secure.conf"
+    # as root, mosquitto drops to user "mosquitto", which cannot enter pytest's 0700 temp dirs
     conf.write_text(
-        "per_listener_settings false\nallow_anonymous false\nmax_queued_messages 0\nset_tcp_nodelay true\n"
+        ("user root\n" if os.geteuid() == 0 else "")
+        + "per_listener_settings false\nallow_anonymous false\nmax_queued_messages 0\nset_tcp_nodelay true\n"
         f"persistence false\nlog_dest stdout\npassword_file {passwd}\nacl_file {acl}\n"
         f"listener {tls_port} 127.0.0.1\ncafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
         "require_certificate true\nuse_identity_as_username true\n"

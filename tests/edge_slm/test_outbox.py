@@ -323,15 +323,18 @@ def test_a_row_is_deleted_only_by_its_own_ack_whatever_the_timing(steps, mid_spa
         link = ScriptedLink(mid_space)
         sender = OutboxSender(ob, link, window=window)  # driven by hand: no thread
         link.on_ack = sender._on_ack
+        ob.on_put = sender._on_put  # a put may hand its row straight to the link
         put, acked = [], set()
         n = 0
         try:
             for op, arg in steps:
                 if op == "put":
+                    link.ack_inside_publish = arg % 2 == 1
                     for _ in range(arg % 4 + 1):
                         n += 1
                         put.append(b"%d" % n)
                         assert ob.put(TOPIC, put[-1])
+                    link.ack_inside_publish = False
                 elif op in ("fill", "early"):
                     link.ack_inside_publish = op == "early"
                     sender._fill_window(time.monotonic())
