@@ -61,6 +61,8 @@ class Agent:
         Raises ModelError/ConfigError/BrokerError before anything runs if something is wrong.
         """
         cfg = self.config
+        if cfg.uses_mqtt() and cfg.update_public_key:
+            self._open_update_store(cfg)
         tasks = self._load_tasks(cfg)
         sources = [build_source(p.source, self.topics.input(p.name)) for p in cfg.pipelines]
         self.seq = SeqCounter(Path(cfg.state_dir) / f"{cfg.device_id}.seq")
@@ -144,13 +146,23 @@ class Agent:
             self.outbox = Outbox(outbox_path(cfg.state_dir, cfg.device_id), max_bytes=o.max_bytes,
                                  max_age_s=o.max_age_s, overflow=o.overflow, sync=o.sync)
         self._mqtt_sink = MqttSink(self.link, self.topics, self.outbox)
-        if cfg.update_public_key:
-            from edge_slm.updates import ModelStore, UpdateReceiver
 
-            self.update_store = ModelStore(Path(cfg.state_dir) / "models" / cfg.device_id)
-            self.update_store.recover()
-            self.update_receiver = UpdateReceiver(self.update_store, Path(cfg.update_public_key), cfg.device_id,
-                                                  trial_s=cfg.update_trial_s, max_bytes=256 * 1024 * 1024)
+    def _open_update_store(self, cfg: AgentConfig) -> None:
+        """The versioned model store signed updates go into. recover() first: a crash or a kill during
+        an update trial reverts to the previous model. An empty store is seeded with the configured
+        package, so the first update has something to fall back to."""
+        from edge_slm.updates import ModelStore, UpdateReceiver
+
+        store = ModelStore(Path(cfg.state_dir) / "models" / cfg.device_id)
+        store.recover()
+        try:
+            store.current_package()
+        except Exception:
+            store.install(Path(cfg.pipelines[0].model))
+            log.info("update store seeded with %s", cfg.pipelines[0].model)
+        self.update_store = store
+        self.update_receiver = UpdateReceiver(store, Path(cfg.update_public_key), cfg.device_id,
+                                              trial_s=cfg.update_trial_s, max_bytes=256 * 1024 * 1024)
 
     def _record(self, kind: str, record: dict[str, Any]) -> None:
         if self.control is not None:
@@ -209,8 +221,12 @@ class Agent:
         return result | {"written": str(self.config_path)}
 
     def adopt_update(self) -> dict[str, Any]:
-        """After a verified update: load the new package into the pipelines serving its name; commit the
-        trial when it loads, roll back when it does not."""
+        """After a verified update: load the new package into the pipelines serving its name.
+
+        The update stays on trial for update_trial_s: it is committed only if this process is still
+        serving at the end; if the agent dies first, ModelStore.recover() at the next start reverts it.
+        A model that does not load here is rolled back at once.
+        """
         store = self.update_store
         new = store.current_package()
         try:
@@ -226,9 +242,17 @@ class Agent:
         except Exception:
             store.rollback()
             raise
-        store.commit()
-        log.info("model update %s %s applied to %s", new.name, new.version, ", ".join(swapped))
-        return {"pipelines": swapped, "model": new.identity()}
+        threading.Thread(target=self._finish_trial, args=(self.config.update_trial_s,), name="update-trial",
+                         daemon=True).start()
+        log.info("model update %s %s serving on trial for %.0fs in %s", new.name, new.version,
+                 self.config.update_trial_s, ", ".join(swapped))
+        return {"pipelines": swapped, "model": new.identity(), "trial_s": self.config.update_trial_s}
+
+    def _finish_trial(self, trial_s: float) -> None:
+        if self._stop.wait(trial_s):
+            return  # stopping during the trial: the next start reverts to the previous model
+        if self.update_store.commit():
+            log.info("model update committed after a %.0fs trial", trial_s)
 
     @property
     def finite(self) -> bool:

@@ -125,7 +125,7 @@ def test_signed_update_through_the_agent(mosquitto, text_model, tmp_path):
     assert run_cli("keygen", "-o", str(keys)).returncode == 0
     dev = "upd-1"
     cfg, col, proc = start(tmp_path, mosquitto, text_model, dev,
-                           extra=f'update_public_key = "{keys / "update_key.pub"}"\nupdate_trial_s = 60')
+                           extra=f'update_public_key = "{keys / "update_key.pub"}"\nupdate_trial_s = 1')
     try:
         pkg2 = tmp_path / "pkg2"
         shutil.copytree(text_model.package, pkg2)
@@ -138,10 +138,42 @@ def test_signed_update_through_the_agent(mosquitto, text_model, tmp_path):
         col.publish(f"edge-slm/{dev}/intent/input", "set a timer for 5 minutes")
         got = col.wait_for(1, topic_contains="/intent/result", timeout=30)
         assert json.loads(got[-1][1])["model"]["version"] == "2.0.0"
+        time.sleep(1.5)  # the trial ends and 2.0.0 is committed
         # the same version again is refused and the agent keeps serving 2.0.0
         res = run_cli("publish-model", str(pkg2), "--device", dev, "--key", str(keys / "update_key.pem"),
                       "--broker", mosquitto.url, "--json", "--timeout", "60", timeout=120)
         assert res.returncode == 1 and b"not_newer" in res.stdout + res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        col.close()
+
+
+def test_an_agent_killed_during_the_trial_comes_back_on_the_old_model(mosquitto, text_model, tmp_path):
+    import signal
+
+    keys = tmp_path / "keys"
+    assert run_cli("keygen", "-o", str(keys)).returncode == 0
+    dev = "upd-2"
+    cfg, col, proc = start(tmp_path, mosquitto, text_model, dev,
+                           extra=f'update_public_key = "{keys / "update_key.pub"}"\nupdate_trial_s = 600')
+    try:
+        pkg2 = tmp_path / "pkg2"
+        shutil.copytree(text_model.package, pkg2)
+        manifest = json.loads((pkg2 / "manifest.json").read_text())
+        manifest["version"] = "3.0.0"
+        (pkg2 / "manifest.json").write_text(json.dumps(manifest))
+        res = run_cli("publish-model", str(pkg2), "--device", dev, "--key", str(keys / "update_key.pem"),
+                      "--broker", mosquitto.url, "--json", "--timeout", "60", timeout=120)
+        assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+        proc.send_signal(signal.SIGKILL)  # dies while 3.0.0 is on trial
+        proc.wait(10)
+        proc = start_agent_process(cfg, tmp_path / "agent2.log")
+        assert col.wait_for(3, topic_contains=f"{dev}/status", timeout=60)[-1][1] == b"online"
+        col.publish(f"edge-slm/{dev}/intent/input", "set a timer for 5 minutes")
+        got = col.wait_for(1, topic_contains="/intent/result", timeout=30)
+        assert json.loads(got[-1][1])["model"]["version"] == json.loads(
+            (text_model.package / "manifest.json").read_text())["version"]
     finally:
         proc.terminate()
         proc.wait(30)
