@@ -276,7 +276,11 @@ class MqttLink:
             if mid in self._unacked:
                 self._unacked.discard(mid)
             else:
+                # an ack that beat publish() returning, or a QoS 0 write: keep only recent ones, or
+                # QoS 0 token mids would pile up and collide once message ids wrap
                 self._acked_early.add(mid)
+                if len(self._acked_early) > 1000:
+                    self._acked_early.clear()
             self._ack_cv.notify_all()
         on_ack = self.on_ack
         if on_ack is not None:

@@ -78,8 +78,13 @@ class Outbox:
         self._full_warned = False
         self._drop_warned = False
         self._db = self._open()
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(id), 0) FROM outbox").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
+        # Ids come from this counter, not from SQLite: its default (largest id + 1) hands an id out
+        # again once the newest rows are deleted, and the sender's cursor ("highest id handed over")
+        # would then skip the new row. AUTOINCREMENT avoids that too, but writes sqlite_sequence's page
+        # on every insert. Across a restart reuse is harmless: the new sender starts from id 0.
+        self._next_id = int(row[2]) + 1
         self.expire()
         if self._depth:
             log.info("outbox %s holds %d records (%d bytes) from before; sending them again",
@@ -105,9 +110,7 @@ class Outbox:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 db.execute("BEGIN IMMEDIATE")
-                # AUTOINCREMENT: an id is never reused, even once the queue has emptied, so the
-                # sender's "highest id handed over" cursor can never skip a new row.
-                db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                db.execute("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, "
                            "ts REAL NOT NULL, size INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 db.execute("COMMIT")
@@ -128,15 +131,15 @@ class Outbox:
         Raises EdgeSlmError when the disk refuses the write (full, read-only): nothing was stored.
         """
         size = len(topic.encode()) + len(payload)
-        insert = "INSERT INTO outbox (ts, size, topic, payload) VALUES (?, ?, ?, ?)"
+        insert = "INSERT INTO outbox (id, ts, size, topic, payload) VALUES (?, ?, ?, ?, ?)"
         dropped = {"overflow": (0, 0), "expired": (0, 0)}
         with self._lock:
             if size > self.max_bytes:  # could never fit, whatever the policy drops
                 return self._reject()
             try:
-                ts = self._clock()
+                ts, row_id = self._clock(), self._next_id
                 if self._bytes + size <= self.max_bytes:  # the common case: one statement, its own transaction
-                    row_id = self._db.execute(insert, (ts, size, topic, payload)).lastrowid
+                    self._db.execute(insert, (row_id, ts, size, topic, payload))
                 else:
                     self._db.execute("BEGIN IMMEDIATE")
                     dropped["expired"] = self._delete_expired()
@@ -146,12 +149,13 @@ class Outbox:
                         return self._reject()
                     if over > 0:
                         dropped["overflow"] = self._delete_oldest(over)
-                    row_id = self._db.execute(insert, (ts, size, topic, payload)).lastrowid
+                    self._db.execute(insert, (row_id, ts, size, topic, payload))
                     self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise EdgeSlmError(f"outbox {self.path}: cannot store a record ({exc}); free space in state_dir") from exc
             # Counters change only once the transaction is committed.
+            self._next_id += 1
             for reason, (n, nbytes) in dropped.items():
                 self._dropped[reason] += n
                 self._depth -= n
@@ -309,10 +313,13 @@ class _InFlight:
 
 
 class OutboxSender:
-    """A thread that publishes outbox rows in order through an MqttLink, at most `window` unacknowledged.
+    """Publishes outbox rows in id order through an MqttLink, at most `window` unacknowledged, and
+    deletes each row once its PUBACK arrives.
 
-    paho keeps what it was handed across reconnects, so rows are handed over even while disconnected
-    (up to the window) and a reconnect resends them; a restarted process resends the whole outbox.
+    A new row goes out from the putting thread when nothing older is waiting; otherwise (a backlog,
+    a full window) the sender's thread sends it. paho keeps what it was handed across reconnects, so
+    rows are handed over even while disconnected (up to the window) and a reconnect resends them; a
+    restarted process sends every row still in the outbox again (at least once: `seq` spots repeats).
     """
 
     def __init__(

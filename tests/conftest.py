@@ -79,7 +79,10 @@ def _start_mosquitto(tmp: Path, persist: bool = False) -> Mosquitto:
     conf = tmp / f"mosquitto-{port}.conf"
     # max_queued_messages 0: unlimited; with the default 1000 a slow QoS 1 subscriber lost messages here.
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nset_tcp_nodelay true\n"
+        # as root mosquitto drops to user "mosquitto", which cannot write its session file into
+        # pytest's 0700 temp dirs: sessions would then not survive a restart
+        ("user root\n" if os.geteuid() == 0 else "")
+        + f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nset_tcp_nodelay true\n"
         "log_dest stdout\nlog_type error\n"
         + (f"persistence true\npersistence_location {tmp}/\n" if persist else "persistence false\n")
     )
