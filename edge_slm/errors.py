@@ -44,3 +44,7 @@ class UpdateError(EdgeSlmError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class FrameError(EdgeSlmError):
+    """A serial-bridge frame or payload cannot be built or parsed; the message says which field."""

@@ -434,7 +434,7 @@ def test_unacked_rows_are_sent_again_after_a_process_restart(broker, tmp_path):
     # The process "dies": paho's in-memory copies go with it, the rows stay on disk.
     sender.close()
     ob.close()
-    link.client.loop_stop()
+    link.loop.stop()  # the agent's own network thread: with it gone this client never reconnects
     broker.start()
     col = Collector(broker.url, "ob-restart/#")
     ob = Outbox(path)
