@@ -10,9 +10,11 @@ from edge_slm.errors import (
     ConfigError,
     ConversionError,
     EdgeSlmError,
+    FrameError,
     InputError,
     ModelError,
     RuntimeNotFoundError,
+    UpdateError,
 )
 from edge_slm.package import ModelPackage
 from edge_slm.runtime import Model, load
@@ -24,11 +26,13 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "EdgeSlmError",
+    "FrameError",
     "InputError",
     "Model",
     "ModelError",
     "ModelPackage",
     "RuntimeNotFoundError",
+    "UpdateError",
     "__version__",
     "load",
 ]
