@@ -32,6 +32,7 @@ import paho.mqtt.client as paho  # noqa: E402
 import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from devices.broker import free_port  # noqa: E402
 from edge_slm.mqtt import Topics, parse_broker_url  # noqa: E402
 from edge_slm.package import ModelPackage  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
@@ -168,11 +169,6 @@ def bench_calls(built: dict[str, Any], calls: int) -> list[dict[str, Any]]:
 
 
 # --- 3. Table B: a real agent over MQTT -------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout

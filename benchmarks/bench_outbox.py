@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from devices.broker import free_port  # noqa: E402
 from edge_slm.mqtt import Topics, parse_broker_url  # noqa: E402
 from edge_slm.outbox import Outbox  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
@@ -100,11 +101,6 @@ def build_package(workdir: Path) -> Path:
 
 
 # --- 1. results/s through an agent -----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_mosquitto(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
