@@ -1,0 +1,3 @@
+"""Fixtures for the mcu work (trained models, compiled programs); loaded from conftest.py via pytest_plugins."""
+
+from __future__ import annotations
