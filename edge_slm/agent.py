@@ -19,7 +19,7 @@ from edge_slm.outbox import Outbox, OutboxSender, outbox_path
 from edge_slm.package import ModelPackage
 from edge_slm.pipeline import MqttSink, Pipeline, StdoutSink
 from edge_slm.seq import SeqCounter
-from edge_slm.sources import LinesSource, MqttSource, build_source
+from edge_slm.sources import MqttSource, build_source
 from edge_slm.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Agent:
         self._stdout = stdout
         self.link: MqttLink | None = None
         self.pipelines: list[Pipeline] = []
-        self._sources: list[tuple[Pipeline, MqttSource | LinesSource]] = []
+        self._sources: list[tuple[Pipeline, Any]] = []
         self._mqtt_sink: MqttSink | None = None
         self.outbox: Outbox | None = None
         self.outbox_sender: OutboxSender | None = None
@@ -64,7 +64,8 @@ class Agent:
         if cfg.uses_mqtt() and cfg.update_public_key:
             self._open_update_store(cfg)
         tasks = self._load_tasks(cfg)
-        sources = [build_source(p.source, self.topics.input(p.name)) for p in cfg.pipelines]
+        sources = [build_source(p.source, self.topics.input(p.name), getattr(t, "sample_rate", None))
+                   for p, t in zip(cfg.pipelines, tasks)]
         self.seq = SeqCounter(Path(cfg.state_dir) / f"{cfg.device_id}.seq")
         try:
             if cfg.uses_mqtt():
@@ -100,7 +101,7 @@ class Agent:
             self.seq.close()
             raise
         for pipe, source in self._sources:
-            if isinstance(source, LinesSource):
+            if not isinstance(source, MqttSource):
                 source.start(pipe.submit, pipe.end)
             log.info("pipeline %s: listening on %s", pipe.name, source.describe())
         if self.link is not None:
@@ -257,7 +258,7 @@ class Agent:
     @property
     def finite(self) -> bool:
         """True when every source ends by itself (files, stdin): the agent exits when they are done."""
-        return all(isinstance(s, LinesSource) for _, s in self._sources)
+        return all(s.finite for _, s in self._sources)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stop() is called or, for finite sources, every pipeline has drained."""
@@ -276,6 +277,9 @@ class Agent:
         """Finish queued inputs, wait for broker acks, say offline, save seq."""
         if not self._started:
             return
+        for _, source in self._sources:
+            if hasattr(source, "stop"):
+                source.stop()  # microphones and serial ports stop capturing; what is queued still drains
         for pipe in self.pipelines:
             if not pipe.done.is_set():
                 pipe.end()

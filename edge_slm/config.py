@@ -22,7 +22,7 @@ else:  # pragma: no cover - Python 3.10 on older Pi OS
 from edge_slm.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-SOURCE_SCHEMES = ("mqtt", "stdin", "file")
+SOURCE_SCHEMES = ("mqtt", "stdin", "file", "wav", "microphone", "serial")
 SINKS = ("mqtt", "stdout")
 
 
@@ -70,6 +70,17 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """Keyword-spotting and sensor pipelines; -1 (or hop 0) keeps the model's default from its manifest."""
+
+    threshold: float = -1.0  # a detection's smoothed posterior, or an anomaly score limit
+    smoothing_ms: float = -1.0
+    refractory_ms: float = -1.0  # after a detection the same keyword is not reported again for this long
+    stride_ms: float = -1.0  # how often the keyword model runs on the last clip
+    hop: int = 0  # sensor windows start every hop samples
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One source -> task -> sinks chain."""
 
@@ -85,6 +96,7 @@ class PipelineConfig:
     match_threshold: float = 0.0  # below this cosine the label is "unknown"
     include_embedding: bool = False  # with examples, also publish the vector (always without)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 @dataclass(frozen=True)
@@ -190,10 +202,20 @@ def _check(cfg: AgentConfig, where: str) -> None:
         scheme = p.source.split(":", 1)[0] if ":" in p.source else p.source
         if scheme not in SOURCE_SCHEMES:
             raise ConfigError(
-                f"{where}: {key}.source {p.source!r} has unknown scheme; use mqtt://[TOPIC], stdin:// or file://PATH"
+                f"{where}: {key}.source {p.source!r} has unknown scheme; use mqtt://[TOPIC], stdin://, file://PATH, "
+                "wav://PATH, microphone://[DEVICE] or serial://PORT"
             )
-        if scheme == "file" and not p.source.removeprefix("file://"):
-            raise ConfigError(f"{where}: {key}.source needs a path: file://PATH")
+        if scheme in ("file", "wav", "serial") and not p.source.split("://", 1)[-1].split("?", 1)[0]:
+            raise ConfigError(f"{where}: {key}.source needs a path: {scheme}://PATH")
+        st = p.stream
+        for name in ("threshold", "smoothing_ms", "refractory_ms", "stride_ms"):
+            value = getattr(st, name)
+            if not (value == -1 or 0 <= value < float("inf")):
+                raise ConfigError(f"{where}: {key}.stream.{name} must be >= 0 (or -1 for the model's default)")
+        if st.threshold > 1:
+            raise ConfigError(f"{where}: {key}.stream.threshold is a probability: 0-1 (or -1 for the model's default)")
+        if st.hop < 0:
+            raise ConfigError(f"{where}: {key}.stream.hop must be a number of samples >= 1 (or 0 for the model's default)")
         if not p.sinks:
             raise ConfigError(f"{where}: {key}.sinks must name at least one of {', '.join(SINKS)}")
         for s in p.sinks:
@@ -291,8 +313,10 @@ def _resolve_paths(cfg: AgentConfig, base: Path, where: str) -> AgentConfig:
     pipes = []
     for p in cfg.pipelines:
         source = p.source
-        if source.startswith("file://"):
-            source = "file://" + res(source.removeprefix("file://"))
+        for scheme in ("file://", "wav://"):
+            if source.startswith(scheme):
+                path, sep, query = source.removeprefix(scheme).partition("?")
+                source = scheme + res(path) + sep + query
         pipes.append(dataclasses.replace(p, model=res(p.model), source=source))
     mqtt = dataclasses.replace(cfg.mqtt, **{k: res(getattr(cfg.mqtt, k)) for k in ("ca_file", "cert_file", "key_file")
                                             if getattr(cfg.mqtt, k)})

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_slm.errors import EdgeSlmError, InputError
+from edge_slm.media_input import decode_audio, decode_sensor
 from edge_slm.mqtt import MqttLink, Topics
 from edge_slm.outbox import Outbox
 from edge_slm.seq import SeqCounter
 from edge_slm.sources import RawInput, next_input_id
+from edge_slm.streams import StreamEnd
 from edge_slm.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -181,8 +183,13 @@ class Pipeline:
         finally:
             self.done.set()
 
-    def handle(self, raw: RawInput) -> dict[str, Any]:
-        """Process one input synchronously; returns the record that went to the sinks."""
+    def handle(self, raw: RawInput) -> dict[str, Any] | list[dict[str, Any]]:
+        """Process one input synchronously; returns the record that went to the sinks.
+
+        Streaming (audio, sensor) tasks return the list of records the input produced: zero or more.
+        """
+        if getattr(self.task, "input_kind", "text") != "text":
+            return self._handle_stream(raw)
         model = self.task.package.identity()
         try:
             input_id, text, params = decode_request(raw, self.max_input_bytes)
@@ -199,6 +206,45 @@ class Pipeline:
             "latency_ms": round((time.monotonic() - raw.received) * 1000.0, 3),
         }
         return self._emit("result", record)
+
+    def _handle_stream(self, raw: RawInput) -> list[dict[str, Any]]:
+        """A block (from a media source or decoded from a payload) -> the task -> one record per output."""
+        task = self.task
+        model = task.package.identity()
+        try:
+            outputs = self._feed(task, raw)
+        except InputError as exc:
+            return [self._emit("error", self._error(raw.input_id, exc.code, str(exc), model))]
+        except Exception as exc:  # a bug or a runtime failure: report it, keep serving
+            log.exception("pipeline %s: inference failed", self.name)
+            return [self._emit("error", self._error(raw.input_id, "inference_failed", f"{type(exc).__name__}: {exc}", model))]
+        records = []
+        for out in outputs:
+            if isinstance(out, InputError):
+                records.append(self._emit("error", self._error(raw.input_id, out.code, str(out), model)))
+                continue
+            records.append(self._emit("result", self._header(raw.input_id) | {
+                "model": model,
+                "output": out,
+                "latency_ms": round((time.monotonic() - raw.received) * 1000.0, 3),
+            }))
+        return records
+
+    def _feed(self, task: Any, raw: RawInput) -> list[Any]:
+        if raw.input_id is None:
+            raw.input_id = next_input_id()
+        if isinstance(raw.data, InputError):  # a source could not read it (a file that is not audio)
+            raise raw.data
+        if isinstance(raw.data, StreamEnd):
+            return task.flush()
+        if raw.data is not None:
+            return task.feed(raw.data)
+        if task.input_kind == "audio":
+            block, whole_clip = decode_audio(raw, self.max_input_bytes, task.sample_rate)
+            if whole_clip:  # a WAV file on its own: one answer for the clip
+                return [task.classify(block.samples, block.sample_rate)]
+            return task.feed(block)
+        return task.feed(decode_sensor(raw, self.max_input_bytes, task.sample_rate, list(task.channels)))
 
     def _header(self, input_id: str | None) -> dict[str, Any]:
         """What results and error records share; takes the next seq."""

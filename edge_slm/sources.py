@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from edge_slm.errors import ConfigError
 
@@ -25,6 +25,7 @@ class RawInput:
     origin: str
     received: float = field(default_factory=time.monotonic)
     input_id: str | None = None
+    data: Any = None  # an already-decoded block (AudioBlock, SensorBlock, StreamEnd) from a media source
 
 
 Deliver = Callable[[RawInput], None]
@@ -76,8 +77,12 @@ class LinesSource:
         return self.name
 
 
-def build_source(spec: str, default_topic: str) -> MqttSource | LinesSource:
-    """mqtt:// (the pipeline's input topic), mqtt://TOPIC, stdin://, file://PATH."""
+def build_source(spec: str, default_topic: str, sample_rate: int | None = None) -> Any:
+    """mqtt:// (the pipeline's input topic), mqtt://TOPIC, stdin://, file://PATH, wav://PATH,
+    microphone://[DEVICE], serial://PORT.
+
+    sample_rate: what an audio task wants; wav:// resamples to it and microphone:// opens at it.
+    """
     if spec in ("mqtt", "mqtt://"):
         return MqttSource(default_topic)
     if spec.startswith("mqtt://"):
@@ -89,7 +94,22 @@ def build_source(spec: str, default_topic: str) -> MqttSource | LinesSource:
         if not path.is_file():
             raise ConfigError(f"source file not found: {path}")
         return LinesSource(f"file:{path.name}", lambda: open(path, "rb"))
-    raise ConfigError(f"unknown source {spec!r}; use mqtt://[TOPIC], stdin:// or file://PATH")
+    if spec.startswith("wav://"):
+        from edge_slm.media_sources import WavSource
+
+        return WavSource(spec, sample_rate)
+    if spec.startswith("microphone://"):
+        from edge_slm.media_sources import MicrophoneSource
+
+        return MicrophoneSource(spec, sample_rate)
+    if spec.startswith("serial://"):
+        from edge_slm.serial_source import SerialSource
+
+        return SerialSource(spec)
+    raise ConfigError(f"unknown source {spec!r}; use {SOURCE_HELP}")
+
+
+SOURCE_HELP = "mqtt://[TOPIC], stdin://, file://PATH, wav://PATH, microphone://[DEVICE] or serial://PORT"
 
 
 def next_input_id() -> str:

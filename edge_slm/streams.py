@@ -59,6 +59,13 @@ class SensorBlock:
             raise InputError("bad_sensor_block", f"{len(self.channels)} channel names for {a.shape[1]} channels")
 
 
+@dataclass
+class StreamEnd:
+    """Delivered after the last block of a finite stream (the end of a WAV file): the task flushes."""
+
+    stream: str = ""
+
+
 Block = AudioBlock | SensorBlock
 # What feed() returns: outputs (JSON-ready dicts, one result record each) and InputErrors (one error record each).
 StreamOutput = dict[str, Any] | InputError

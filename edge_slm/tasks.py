@@ -111,10 +111,28 @@ def _build(package: ModelPackage, model: runtime.Model, options: PipelineConfig 
             "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_k": g.top_k,
             "top_p": g.top_p, "stop": list(g.stop), "seed": None if g.seed < 0 else g.seed}
         return TextGenerator(package, model, defaults)
-    raise ModelError(
-        f"{package.path}: task {task!r} is not supported by this agent yet "
-        f"(supported: text-classification, embedding, text-generation)"
-    )
+    st = options.stream if options else None
+
+    def opt(value: float) -> float | None:
+        return None if value == -1 else value
+
+    if task == "keyword-spotting":
+        from edge_slm.kws import KeywordSpotter
+
+        if st is None:
+            return KeywordSpotter(package, model)
+        return KeywordSpotter(package, model, threshold=opt(st.threshold), smoothing_ms=opt(st.smoothing_ms),
+                              refractory_ms=opt(st.refractory_ms), stride_ms=opt(st.stride_ms))
+    if task == "sensor-anomaly":
+        from edge_slm.sensor_tasks import SensorAnomalyDetector
+
+        return SensorAnomalyDetector(package, model, hop=(st.hop or None) if st else None,
+                                     threshold=opt(st.threshold) if st else None)
+    if task == "sensor-classification":
+        from edge_slm.sensor_tasks import SensorClassifier
+
+        return SensorClassifier(package, model, hop=(st.hop or None) if st else None)
+    raise ModelError(f"{package.path}: task {task!r} is not supported by this agent")
 
 
 def load_task(package: ModelPackage, *, threads: int | None = None, backend: str | None = None,

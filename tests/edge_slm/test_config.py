@@ -165,13 +165,14 @@ def test_agent_config_from_dict_without_base_dir_leaves_paths_alone():
     assert cfg.pipelines[0].model == "rel/m" and cfg.pipelines[0].source == "file://in.txt"
 
 
-@pytest.mark.parametrize("source", ["serial:///dev/ttyUSB0", "http://x", "mqttx://t", "", "file://"])
+@pytest.mark.parametrize("source", ["usb:///dev/ttyUSB0", "http://x", "mqttx://t", "", "file://", "wav://", "wav://?block_ms=5"])
 def test_bad_source_is_refused(source):
     with pytest.raises(ConfigError, match=r"pipelines\[0\]\.source"):
         agent_config_from_dict(minimal(pipelines=[{"name": "a", "model": "m", "source": source}]))
 
 
-@pytest.mark.parametrize("source", ["mqtt://", "mqtt://home/in", "stdin://", "file://in.txt"])
+@pytest.mark.parametrize("source", ["mqtt://", "mqtt://home/in", "stdin://", "file://in.txt", "wav://rec.wav",
+                                    "microphone://", "serial:///dev/ttyUSB0?baud=921600"])
 def test_known_sources_are_accepted(source):
     cfg = agent_config_from_dict(minimal(pipelines=[{"name": "a", "model": "m", "source": source}]))
     assert cfg.pipelines[0].source == source
@@ -373,3 +374,17 @@ def test_arbitrary_toml_text_only_ever_raises_config_error(tmp_path_factory, lin
         assert str(path) in str(exc)
     else:
         _assert_valid(cfg)
+
+
+def test_wav_source_path_resolves_and_keeps_its_options():
+    cfg = agent_config_from_dict(minimal(pipelines=[{"name": "a", "model": "m", "source": "wav://rec/a.wav?block_ms=20"}]),
+                                 base_dir=Path("/abs"))
+    assert cfg.pipelines[0].source == "wav:///abs/rec/a.wav?block_ms=20"
+
+
+@pytest.mark.parametrize(("stream", "key"), [({"threshold": 1.5}, "stream.threshold"), ({"hop": -3}, "stream.hop"),
+                                             ({"refractory_ms": -5}, "stream.refractory_ms"),
+                                             ({"window": 3}, "stream.window")])
+def test_bad_stream_options_name_the_key(stream, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        agent_config_from_dict(minimal(pipelines=[{"name": "a", "model": "m", "stream": stream}]))
