@@ -33,6 +33,23 @@ __all__ = [
     "unpack_audio_chunk",
     "pack_ack",
     "unpack_ack",
+    "AckStatus",
+    "StreamKind",
+    "StreamInfo",
+    "Hello",
+    "CommandId",
+    "Command",
+    "LogLevel",
+    "LogRecord",
+    "Heartbeat",
+    "pack_hello",
+    "unpack_hello",
+    "pack_command",
+    "unpack_command",
+    "pack_log",
+    "unpack_log",
+    "pack_heartbeat",
+    "unpack_heartbeat",
 ]
 
 PROTOCOL_VERSION = 1
@@ -307,3 +324,253 @@ def unpack_ack(payload: bytes) -> tuple[int, int]:
         raise FrameError(f"ack payload must be 3 bytes, got {len(payload)}")
     acked, status = ACK.unpack(payload)
     return acked, status
+
+
+# --- link-layer payloads (PROTOCOL.md 4.4 - 4.7) ------------------------------------------------
+
+
+class AckStatus(IntEnum):
+    """Ack status byte; the device answers every command with one of these."""
+
+    OK = 0
+    UNKNOWN_COMMAND = 1
+    BAD_ARGS = 2
+    FAILED = 3
+
+
+class StreamKind(IntEnum):
+    SENSOR = 1
+    AUDIO = 2
+
+
+class CommandId(IntEnum):
+    """Known commands; CUSTOM (0) means "look at the name", for firmware-specific commands."""
+
+    CUSTOM = 0
+    PING = 1
+    HELLO = 2
+    START = 3
+    STOP = 4
+    SET_RATE = 5
+    RESET = 6
+    SET = 7
+
+
+class LogLevel(IntEnum):
+    DEBUG = 0
+    INFO = 1
+    WARNING = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One stream a device offers: physical value = int16 sample * scale (per channel)."""
+
+    kind: int
+    name: str
+    sample_format: int
+    sample_rate_hz: int
+    channels: tuple[str, ...]
+    scales: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Capabilities a device announces on boot and on request (PROTOCOL.md 4.4)."""
+
+    device_name: str
+    firmware_version: str
+    boot_id: int
+    max_payload: int = MAX_PAYLOAD
+    streams: tuple[StreamInfo, ...] = ()
+    protocol_version: int = PROTOCOL_VERSION
+
+    def stream(self, kind: int, channels: int | None = None) -> StreamInfo | None:
+        """The first declared stream of this kind (and channel count, when given)."""
+        for s in self.streams:
+            if s.kind == kind and (channels is None or len(s.channels) == channels):
+                return s
+        return None
+
+
+@dataclass(frozen=True)
+class Command:
+    """A host-to-device command (PROTOCOL.md 4.5); args are ordered (key, value) text pairs."""
+
+    command_id: int
+    name: str
+    args: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Device liveness and counters (PROTOCOL.md 4.7); all zero for an empty (keepalive) heartbeat."""
+
+    uptime_ms: int = 0
+    frames_sent: int = 0
+    frames_dropped: int = 0
+    rx_frames: int = 0
+    rx_errors: int = 0
+
+
+HEARTBEAT = struct.Struct("<IIIII")
+_U32 = struct.Struct("<I")
+_F32 = struct.Struct("<f")
+
+
+class _Reader:
+    """Bounds-checked cursor over a payload; every overrun is a FrameError naming the field."""
+
+    def __init__(self, payload: bytes, what: str) -> None:
+        self.data = bytes(payload)
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int, field_name: str) -> bytes:
+        if self.pos + n > len(self.data):
+            raise FrameError(f"{self.what} payload ends inside {field_name} (byte {self.pos} of {len(self.data)})")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, name: str) -> int:
+        return self.take(1, name)[0]
+
+    def u16(self, name: str) -> int:
+        return int.from_bytes(self.take(2, name), "little")
+
+    def u32(self, name: str) -> int:
+        return int.from_bytes(self.take(4, name), "little")
+
+    def f32(self, name: str) -> float:
+        return _F32.unpack(self.take(4, name))[0]
+
+    def str8(self, name: str) -> str:
+        raw = self.take(self.u8(name + " length"), name)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FrameError(f"{self.what} field {name} is not UTF-8: {exc}") from exc
+
+
+def _str8(text: str, name: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > 255:
+        raise FrameError(f"{name} is {len(raw)} bytes of UTF-8; at most 255 fit")
+    return bytes([len(raw)]) + raw
+
+
+def _check_payload(payload: bytes, what: str) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise FrameError(f"{what} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}; shorten names or send fewer items")
+    return payload
+
+
+def pack_hello(hello: Hello) -> bytes:
+    """Payload for MsgType.HELLO from a device (a host sends an empty HELLO to ask for one)."""
+    if not 0 <= hello.boot_id <= 0xFFFFFFFF or not 0 <= hello.max_payload <= 0xFFFF:
+        raise FrameError("hello boot_id must fit in u32 and max_payload in u16")
+    if len(hello.streams) > 255:
+        raise FrameError(f"hello declares {len(hello.streams)} streams; at most 255")
+    out = bytearray([hello.protocol_version & 0xFF])
+    out += hello.max_payload.to_bytes(2, "little") + hello.boot_id.to_bytes(4, "little")
+    out += _str8(hello.device_name, "device_name") + _str8(hello.firmware_version, "firmware_version")
+    out.append(len(hello.streams))
+    for s in hello.streams:
+        if len(s.channels) != len(s.scales) or not 1 <= len(s.channels) <= 255:
+            raise FrameError(f"stream {s.name!r} needs 1-255 channels and one scale per channel")
+        if s.sample_format not in SAMPLE_DTYPES or not 0 <= s.sample_rate_hz <= 0xFFFFFFFF:
+            raise FrameError(f"stream {s.name!r}: sample_format must be 0 or 1 and sample_rate_hz a u32")
+        out += bytes([s.kind & 0xFF]) + _str8(s.name, "stream name") + bytes([s.sample_format])
+        out += s.sample_rate_hz.to_bytes(4, "little") + bytes([len(s.channels)])
+        for ch, scale in zip(s.channels, s.scales):
+            out += _str8(ch, "channel name") + _F32.pack(scale)
+    return _check_payload(bytes(out), "hello")
+
+
+def unpack_hello(payload: bytes) -> Hello:
+    """Parse a device MsgType.HELLO payload; extra bytes after the streams are ignored (newer firmware)."""
+    r = _Reader(payload, "hello")
+    version = r.u8("protocol_version")
+    max_payload = r.u16("max_payload")
+    boot_id = r.u32("boot_id")
+    name = r.str8("device_name")
+    firmware = r.str8("firmware_version")
+    streams = []
+    for _ in range(r.u8("stream count")):
+        kind = r.u8("stream kind")
+        sname = r.str8("stream name")
+        fmt = r.u8("sample_format")
+        rate = r.u32("sample_rate_hz")
+        n = r.u8("channel count")
+        chans, scales = [], []
+        for _ in range(n):
+            chans.append(r.str8("channel name"))
+            scales.append(r.f32("channel scale"))
+        streams.append(StreamInfo(kind, sname, fmt, rate, tuple(chans), tuple(scales)))
+    return Hello(name, firmware, boot_id, max_payload, tuple(streams), version)
+
+
+def pack_command(name: str, args: dict[str, object] | None = None, command_id: int | None = None) -> bytes:
+    """Payload for MsgType.COMMAND; the id comes from CommandId by name unless given (CUSTOM otherwise)."""
+    if command_id is None:
+        command_id = CommandId[name.upper()] if name.upper() in CommandId.__members__ else CommandId.CUSTOM
+    items = list((args or {}).items())
+    if not 0 <= command_id <= 255 or len(items) > 255:
+        raise FrameError("command id must fit in u8 and a command carries at most 255 args")
+    out = bytearray([int(command_id)]) + _str8(name, "command name") + bytes([len(items)])
+    for key, value in items:
+        out += _str8(str(key), "arg key") + _str8(str(value), f"value of arg {key!r}")
+    return _check_payload(bytes(out), "command")
+
+
+def unpack_command(payload: bytes) -> Command:
+    """Parse a MsgType.COMMAND payload."""
+    r = _Reader(payload, "command")
+    cid = r.u8("command_id")
+    name = r.str8("command name")
+    args = tuple((r.str8("arg key"), r.str8("arg value")) for _ in range(r.u8("arg count")))
+    return Command(cid, name, args)
+
+
+def pack_log(level: int, text: str) -> bytes:
+    """Payload for MsgType.LOG: a level byte then UTF-8 text (cut to fit one frame)."""
+    if not 0 <= level <= 3:
+        raise FrameError(f"log level {level} is not 0-3 (debug, info, warning, error)")
+    raw = text.encode("utf-8")[: MAX_PAYLOAD - 1]
+    return bytes([level]) + raw.decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def unpack_log(payload: bytes) -> LogRecord:
+    """Parse a MsgType.LOG payload; a first byte >= 0x20 is an early-draft plain-text log, level info."""
+    if not payload:
+        return LogRecord(LogLevel.INFO, "")
+    if payload[0] >= 0x20:
+        return LogRecord(LogLevel.INFO, bytes(payload).decode("utf-8", errors="replace"))
+    return LogRecord(min(payload[0], LogLevel.ERROR), bytes(payload[1:]).decode("utf-8", errors="replace"))
+
+
+def pack_heartbeat(hb: Heartbeat | None = None) -> bytes:
+    """Payload for MsgType.HEARTBEAT; None gives the empty keepalive a host sends."""
+    if hb is None:
+        return b""
+    try:
+        return HEARTBEAT.pack(hb.uptime_ms, hb.frames_sent, hb.frames_dropped, hb.rx_frames, hb.rx_errors)
+    except struct.error as exc:
+        raise FrameError(f"heartbeat counters must fit in u32: {exc}") from exc
+
+
+def unpack_heartbeat(payload: bytes) -> Heartbeat:
+    """Parse a MsgType.HEARTBEAT payload: empty, or 20 bytes of counters (longer: extra ignored)."""
+    if not payload:
+        return Heartbeat()
+    if len(payload) < HEARTBEAT.size:
+        raise FrameError(f"heartbeat payload of {len(payload)} bytes: expected 0 or at least {HEARTBEAT.size}")
+    return Heartbeat(*HEARTBEAT.unpack_from(payload))

@@ -225,3 +225,232 @@ int edge_slm_frame_decoder_feed(edge_slm_frame_decoder *dec, uint8_t byte, edge_
     dec->len = 0;
     return delivered;
 }
+
+
+/* ---- payload helpers ------------------------------------------------------------------------ */
+
+void edge_slm_writer_init(edge_slm_writer *w, uint8_t *buf, size_t cap)
+{
+    w->buf = buf;
+    w->cap = cap;
+    w->len = 0;
+    w->ok = buf != NULL;
+}
+
+void edge_slm_put_bytes(edge_slm_writer *w, const uint8_t *data, size_t len)
+{
+    if (!w->ok || len > w->cap - w->len) {
+        w->ok = 0;
+        return;
+    }
+    if (len > 0) {
+        memcpy(w->buf + w->len, data, len);
+    }
+    w->len += len;
+}
+
+void edge_slm_put_u8(edge_slm_writer *w, uint8_t v)
+{
+    edge_slm_put_bytes(w, &v, 1);
+}
+
+void edge_slm_put_u16(edge_slm_writer *w, uint16_t v)
+{
+    uint8_t b[2];
+    b[0] = (uint8_t)(v & 0xFFu);
+    b[1] = (uint8_t)(v >> 8);
+    edge_slm_put_bytes(w, b, 2);
+}
+
+void edge_slm_put_u32(edge_slm_writer *w, uint32_t v)
+{
+    uint8_t b[4];
+    int i;
+    for (i = 0; i < 4; i++) {
+        b[i] = (uint8_t)((v >> (8 * i)) & 0xFFu);
+    }
+    edge_slm_put_bytes(w, b, 4);
+}
+
+void edge_slm_put_u64(edge_slm_writer *w, uint64_t v)
+{
+    edge_slm_put_u32(w, (uint32_t)(v & 0xFFFFFFFFu));
+    edge_slm_put_u32(w, (uint32_t)(v >> 32));
+}
+
+void edge_slm_put_f32(edge_slm_writer *w, float v)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits); /* IEEE-754 binary32 on every target we build for */
+    edge_slm_put_u32(w, bits);
+}
+
+void edge_slm_put_str8n(edge_slm_writer *w, const char *text, size_t len)
+{
+    if (len > 255u) {
+        w->ok = 0;
+        return;
+    }
+    edge_slm_put_u8(w, (uint8_t)len);
+    edge_slm_put_bytes(w, (const uint8_t *)text, len);
+}
+
+void edge_slm_put_str8(edge_slm_writer *w, const char *text)
+{
+    edge_slm_put_str8n(w, text, text == NULL ? 0 : strlen(text));
+}
+
+void edge_slm_hello_begin(edge_slm_writer *w, uint16_t max_payload, uint32_t boot_id, const char *device_name,
+                          const char *firmware_version, uint8_t n_streams)
+{
+    edge_slm_put_u8(w, (uint8_t)EDGE_SLM_FRAME_VERSION);
+    edge_slm_put_u16(w, max_payload);
+    edge_slm_put_u32(w, boot_id);
+    edge_slm_put_str8(w, device_name);
+    edge_slm_put_str8(w, firmware_version);
+    edge_slm_put_u8(w, n_streams);
+}
+
+void edge_slm_hello_add_stream(edge_slm_writer *w, uint8_t kind, const char *name, uint8_t sample_format,
+                               uint32_t sample_rate_hz, uint8_t channels, const char *const *channel_names,
+                               const float *scales)
+{
+    uint8_t i;
+    edge_slm_put_u8(w, kind);
+    edge_slm_put_str8(w, name);
+    edge_slm_put_u8(w, sample_format);
+    edge_slm_put_u32(w, sample_rate_hz);
+    edge_slm_put_u8(w, channels);
+    for (i = 0; i < channels; i++) {
+        edge_slm_put_str8(w, channel_names[i]);
+        edge_slm_put_f32(w, scales[i]);
+    }
+}
+
+void edge_slm_sensor_header(edge_slm_writer *w, uint8_t channels, uint8_t sample_format, uint32_t rate_hz,
+                            uint64_t timestamp_us)
+{
+    edge_slm_put_u8(w, channels);
+    edge_slm_put_u8(w, sample_format);
+    edge_slm_put_u32(w, rate_hz);
+    edge_slm_put_u64(w, timestamp_us);
+}
+
+void edge_slm_audio_header(edge_slm_writer *w, uint32_t sample_rate)
+{
+    edge_slm_put_u32(w, sample_rate);
+}
+
+void edge_slm_ack_payload(edge_slm_writer *w, uint16_t acked_seq, uint8_t status)
+{
+    edge_slm_put_u16(w, acked_seq);
+    edge_slm_put_u8(w, status);
+}
+
+void edge_slm_log_payload(edge_slm_writer *w, uint8_t level, const char *text)
+{
+    size_t len = text == NULL ? 0 : strlen(text);
+    size_t room = w->cap > w->len + 1 ? w->cap - w->len - 1 : 0;
+    if (room > EDGE_SLM_FRAME_MAX_PAYLOAD - 1u) {
+        room = EDGE_SLM_FRAME_MAX_PAYLOAD - 1u;
+    }
+    if (len > room) { /* cut long text, never inside a UTF-8 sequence */
+        len = room;
+        while (len > 0 && ((uint8_t)text[len] & 0xC0u) == 0x80u) {
+            len--;
+        }
+    }
+    edge_slm_put_u8(w, level);
+    edge_slm_put_bytes(w, (const uint8_t *)text, len);
+}
+
+void edge_slm_heartbeat_payload(edge_slm_writer *w, const edge_slm_heartbeat *hb)
+{
+    edge_slm_put_u32(w, hb->uptime_ms);
+    edge_slm_put_u32(w, hb->frames_sent);
+    edge_slm_put_u32(w, hb->frames_dropped);
+    edge_slm_put_u32(w, hb->rx_frames);
+    edge_slm_put_u32(w, hb->rx_errors);
+}
+
+void edge_slm_command_payload(edge_slm_writer *w, uint8_t id, const char *name, uint8_t n_args,
+                              const char *const *keys, const char *const *values)
+{
+    uint8_t i;
+    edge_slm_put_u8(w, id);
+    edge_slm_put_str8(w, name);
+    edge_slm_put_u8(w, n_args);
+    for (i = 0; i < n_args; i++) {
+        edge_slm_put_str8(w, keys[i]);
+        edge_slm_put_str8(w, values[i]);
+    }
+}
+
+static int read_str8(const uint8_t *p, size_t len, size_t *pos, edge_slm_str *out)
+{
+    uint8_t n;
+    if (*pos >= len) {
+        return 0;
+    }
+    n = p[*pos];
+    if ((size_t)n > len - *pos - 1u) {
+        return 0;
+    }
+    out->ptr = (const char *)(p + *pos + 1);
+    out->len = n;
+    *pos += 1u + n;
+    return 1;
+}
+
+int edge_slm_command_parse(const uint8_t *payload, size_t len, edge_slm_command *cmd)
+{
+    size_t pos = 1;
+    uint8_t i;
+    if (payload == NULL || len < 1) {
+        return 0;
+    }
+    cmd->id = payload[0];
+    if (!read_str8(payload, len, &pos, &cmd->name) || pos >= len) {
+        return 0;
+    }
+    cmd->n_args = payload[pos++];
+    if (cmd->n_args > EDGE_SLM_COMMAND_MAX_ARGS) {
+        return 0;
+    }
+    for (i = 0; i < cmd->n_args; i++) {
+        if (!read_str8(payload, len, &pos, &cmd->keys[i]) || !read_str8(payload, len, &pos, &cmd->values[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+int edge_slm_str_eq(edge_slm_str s, const char *text)
+{
+    size_t n = strlen(text);
+    return s.ptr != NULL && n == s.len && memcmp(s.ptr, text, n) == 0;
+}
+
+edge_slm_str edge_slm_command_arg(const edge_slm_command *cmd, const char *key)
+{
+    edge_slm_str none;
+    uint8_t i;
+    for (i = 0; i < cmd->n_args; i++) {
+        if (edge_slm_str_eq(cmd->keys[i], key)) {
+            return cmd->values[i];
+        }
+    }
+    none.ptr = NULL;
+    none.len = 0;
+    return none;
+}
+
+int edge_slm_ack_parse(const uint8_t *payload, size_t len, uint16_t *acked_seq, uint8_t *status)
+{
+    if (payload == NULL || len != 3u) {
+        return 0;
+    }
+    *acked_seq = (uint16_t)(payload[0] | (payload[1] << 8));
+    *status = payload[2];
+    return 1;
+}
