@@ -35,6 +35,8 @@ from firmware_bridge.protocol import (
     unpack_audio_chunk,
     unpack_sensor_samples,
 )
+from firmware_bridge.tools.make_vectors import V as GENERATED_VECTORS
+from firmware_bridge.tools.make_vectors import render_vectors_txt
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,19 +49,6 @@ COUNTER_ORDER = ("frames", "crc_errors", "cobs_errors", "length_errors", "oversi
 
 def as_tuples(frames: list[Frame]) -> list[tuple[int, int, bytes]]:
     return [(f.msg_type, f.seq, f.payload) for f in frames]
-
-
-def render_vectors_txt(vectors: list[dict]) -> str:
-    """The line-based copy of test_vectors.json that vector_check.c reads (format in its header)."""
-    lines = ["# Generated from test_vectors.json; format documented in c/vector_check.c. Do not edit."]
-    for v in vectors:
-        if v["kind"] == "frame":
-            lines.append(f"F {v['name']} {v['type']} {v['seq']} {v['payload_hex'] or '-'} {v['frame_hex']}")
-        else:
-            lines.append(f"S {v['name']} {v['stream_hex'] or '-'}")
-            lines += [f"E {f['type']} {f['seq']} {f['payload_hex'] or '-'}" for f in v["frames"]]
-            lines.append("C " + " ".join(str(v["counters"][k]) for k in COUNTER_ORDER))
-    return "\n".join(lines) + "\n"
 
 
 # --- shared vectors --------------------------------------------------------------------------
@@ -102,7 +91,10 @@ def test_decoder_matches_corrupt_stream_vector(vector):
 def test_text_copy_of_vectors_is_current():
     txt = BRIDGE / "test_vectors.txt"
     assert txt.read_text(encoding="ascii") == render_vectors_txt(VECTORS), (
-        "test_vectors.txt is stale; regenerate it with render_vectors_txt() from this test module"
+        "test_vectors.txt is stale; regenerate: python -m firmware_bridge.tools.make_vectors"
+    )
+    assert json.loads(json.dumps(GENERATED_VECTORS)) == VECTORS, (
+        "test_vectors.json is stale; regenerate: python -m firmware_bridge.tools.make_vectors"
     )
 
 
@@ -328,7 +320,11 @@ def test_c_code_passes_every_vector(vector_check, tmp_path):
     txt.write_text(render_vectors_txt(VECTORS), encoding="ascii")
     proc = subprocess.run([str(vector_check), str(txt)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    expected_checks = 2 * len(FRAME_VECTORS) + 2 * len(STREAM_VECTORS)
+    # payload vectors: one check each, plus the parser checks of commands (2) and acks (1)
+    extra = {"command": 2, "ack": 1}
+    payload_checks = sum(1 + extra.get(v["payload_type"], 0) for v in VECTORS if v["kind"] == "payload")
+    assert payload_checks > 0
+    expected_checks = 2 * len(FRAME_VECTORS) + 2 * len(STREAM_VECTORS) + payload_checks
     assert proc.stdout.strip().splitlines()[-1] == f"{expected_checks} passed, 0 failed"
 
 
