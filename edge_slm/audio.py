@@ -146,9 +146,27 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
     return np.concatenate([np.zeros((1, n_mels)), weights]).astype(np.float32)
 
 
+def _row_dot(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """x @ matrix, computed column by column over each column's non-zero span.
+
+    Unlike a BLAS matmul, whose rounding depends on how many rows it is given, every output row here is
+    a function of its input row alone: a frame gets the same bits whether it comes alone (streaming) or
+    inside a batch. Mel filters are narrow, so this is also cheaper than the dense product.
+    """
+    out = np.empty(x.shape[:-1] + (matrix.shape[1],), dtype=np.float32)
+    for j in range(matrix.shape[1]):
+        nz = np.flatnonzero(matrix[:, j])
+        if nz.size == 0:
+            out[..., j] = 0.0
+            continue
+        lo, hi = int(nz[0]), int(nz[-1]) + 1
+        out[..., j] = np.sum(x[..., lo:hi] * matrix[lo:hi, j], axis=-1, dtype=np.float32)
+    return out
+
+
 def log_mel(power: np.ndarray, mel_matrix: np.ndarray, log_floor: float) -> np.ndarray:
     """ln(power @ mel_matrix + log_floor): [..., n_bins] -> float32 [..., n_mels]."""
-    mel = np.asarray(power, dtype=np.float32) @ np.asarray(mel_matrix, dtype=np.float32)
+    mel = _row_dot(np.asarray(power, dtype=np.float32), np.asarray(mel_matrix, dtype=np.float32))
     return np.log(mel + np.float32(log_floor)).astype(np.float32)
 
 
@@ -167,7 +185,7 @@ def mfcc(log_mel_features: np.ndarray, n_mfcc: int) -> np.ndarray:
     and sqrt(2 / n_mels) * sum for coefficient 0 (TF's convention, kept so TF-trained models transfer).
     """
     x = np.asarray(log_mel_features, dtype=np.float32)
-    return (x @ _dct_matrix(x.shape[-1], n_mfcc)).astype(np.float32)
+    return _row_dot(x, _dct_matrix(x.shape[-1], n_mfcc))
 
 
 # ---------------------------------------------------------------------------------------------- front end
@@ -277,7 +295,7 @@ class FrontEnd:
         frames = pre_emphasis(frames, self.preemphasis)
         feats = log_mel(power_spectrum(frames, self.fft_length(), window), mel, self.log_floor)
         if dct is not None:
-            feats = feats @ dct
+            feats = _row_dot(feats, dct)
         return np.ascontiguousarray(feats, dtype=np.float32)
 
     def features(self, samples: np.ndarray) -> np.ndarray:
