@@ -123,9 +123,12 @@ def _parse_header(f: BinaryIO, name: str, total: int) -> WavInfo:
         cid, size = hdr[:4], struct.unpack("<I", hdr[4:])[0]
         body = pos + 8
         if cid == b"fmt ":
-            if size < 16 or body + 16 > total:
+            if size < 16:
                 raise InputError("not_audio", f"{name}: the WAV 'fmt ' chunk is {size} bytes, too short "
                                               "(needs 16); the file is damaged")
+            if body + 16 > total:
+                raise InputError("not_audio", f"{name} is a truncated WAV: it ends inside the 'fmt ' "
+                                              f"chunk ({total} bytes); re-record or re-export it")
             raw = f.read(min(size, 40))
             tag, channels, rate, _byte_rate, _align, bits = struct.unpack("<HHIIHH", raw[:16])
             if tag == _EXTENSIBLE:
