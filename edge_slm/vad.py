@@ -12,6 +12,7 @@ min_speech_ms of loud frames and lasts until hangover_ms after the last loud fra
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from typing import Any, Protocol
@@ -216,7 +217,9 @@ def make_vad(kind: str = "energy", **kw: Any) -> EnergyVAD | WebRtcVAD:
     kinds = {"energy": EnergyVAD, "webrtc": WebRtcVAD}
     if kind not in kinds:
         raise ConfigError(f"unknown vad kind {kind!r}; use 'energy' or 'webrtc'")
-    try:
-        return kinds[kind](**kw)
-    except TypeError as exc:  # an option the detector does not take
-        raise ConfigError(f"vad {kind!r}: {exc}") from exc
+    cls = kinds[kind]
+    options = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kw) - set(options))
+    if unknown:
+        raise ConfigError(f"vad {kind!r}: unknown option {unknown[0]!r}; options: {', '.join(options)}")
+    return cls(**kw)
