@@ -10,11 +10,14 @@ tests/edge_slm/test_audio.py checks that against TensorFlow.
 
 Framing: frame i covers samples [i * hop, i * hop + window); only whole frames are produced (no padding),
 so n_frames = 1 + (n - window) // hop (0 when n < window). Every frame is a pure function of its own
-window of samples (pre-emphasis is applied inside each frame, Kaldi style), hence a long recording cut
-into pieces that start at multiples of hop gives exactly the frames of the whole clip. A streaming
-consumer (the keyword spotter) must buffer like FeatureStream does: append the new block, compute the
-frames of the buffer, then drop n_frames * hop samples from its front and keep the rest (always fewer
-than window + hop samples) for the next block.
+window of samples (pre-emphasis is applied inside each frame, Kaldi style), and the mel and DCT products
+are computed row by row (not by BLAS, whose rounding depends on the batch size). Hence a long recording
+cut into pieces that start at multiples of hop (each reaching window - hop samples into the next piece)
+gives bit for bit the frames of the whole clip, and features_batch() gives bit for bit what features()
+gives. A streaming consumer (the keyword spotter) must buffer like FeatureStream does: append the new
+block, compute the frames of the buffer, then drop n_frames * hop samples from its front and keep the
+rest (always fewer than window + hop samples) for the next block. Frame i of a stream then starts at
+sample i * hop, i.e. at time i * hop_ms.
 """
 
 from __future__ import annotations
@@ -193,7 +196,12 @@ def mfcc(log_mel_features: np.ndarray, n_mfcc: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FrontEnd:
-    """Audio -> features float32 [n_frames, n_features]; the parameters go into the model manifest."""
+    """Audio -> features float32 [n_frames, n_features]; the parameters go into the model manifest.
+
+    Per frame: pre-emphasis (within the frame), periodic Hann window, rfft of n_fft points, power |X|^2,
+    HTK mel filterbank (fmin..fmax, peak-1 triangles), ln(mel + log_floor); with n_mfcc > 0 the first
+    n_mfcc coefficients of TF's MFCC DCT of that. Invalid parameters raise ConfigError naming the field.
+    """
 
     sample_rate: int = 16000
     window_ms: float = 30.0
@@ -468,9 +476,10 @@ class Resampler:
 def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Band-limited, anti-aliased resampling -> float32 of length round(len(x) * to_rate / from_rate).
 
-    Windowed-sinc polyphase filter (Kaiser, 32 zero crossings each side) with its cutoff at 92% of the
-    lower of the two Nyquist frequencies; tones above the new Nyquist are attenuated by > 60 dB, the
-    passband (up to ~85% of Nyquist) is flat within 0.1 dB. Zero phase: no delay is added.
+    Windowed-sinc polyphase filter (Kaiser, 32 zero crossings each side) with its -6 dB point at 92% of
+    the lower of the two Nyquist frequencies: flat within 0.05 dB up to 85% of it, and tones at or
+    above the new Nyquist are attenuated by more than 90 dB. Zero phase: no delay is added. Past both
+    ends of x the signal is taken as zero.
     """
     x = np.asarray(x)
     if x.ndim != 1:

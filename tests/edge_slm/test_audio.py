@@ -211,6 +211,15 @@ def test_resample_attenuates_tones_above_the_new_nyquist(src: int, dst: int, fre
     assert attenuation_db < -40.0, attenuation_db
 
 
+@pytest.mark.parametrize("src,dst", [(44100, 16000), (16000, 22050)])
+def test_resample_passband_is_flat_to_85_percent_of_nyquist(src: int, dst: int) -> None:
+    nyquist = min(src, dst) / 2
+    for frac in (0.1, 0.5, 0.7, 0.85):
+        y = resample(_tone(frac * nyquist, src, amp=0.9), src, dst)[dst // 20:-dst // 20].astype(np.float64)
+        gain_db = 20 * np.log10(np.sqrt(np.mean(y ** 2)) / (0.9 / np.sqrt(2)))
+        assert abs(gain_db) < 0.1, (frac, gain_db)
+
+
 def test_resample_length_is_exact() -> None:
     rng = np.random.default_rng(1)
     for src, dst in [(22050, 16000), (44100, 16000), (16000, 44100), (16001, 16000), (11025, 8000)]:
