@@ -64,8 +64,8 @@ class Agent:
         if cfg.uses_mqtt() and cfg.update_public_key:
             self._open_update_store(cfg)
         tasks = self._load_tasks(cfg)
-        sources = [build_source(p.source, self.topics.input(p.name), getattr(t, "sample_rate", None))
-                   for p, t in zip(cfg.pipelines, tasks)]
+        sources = [build_source(p.source, self.topics.input(p.name), getattr(t, "sample_rate", None),
+                                getattr(t, "input_kind", None)) for p, t in zip(cfg.pipelines, tasks)]
         self.seq = SeqCounter(Path(cfg.state_dir) / f"{cfg.device_id}.seq")
         try:
             if cfg.uses_mqtt():

@@ -77,11 +77,12 @@ class LinesSource:
         return self.name
 
 
-def build_source(spec: str, default_topic: str, sample_rate: int | None = None) -> Any:
+def build_source(spec: str, default_topic: str, sample_rate: int | None = None, kind: str | None = None) -> Any:
     """mqtt:// (the pipeline's input topic), mqtt://TOPIC, stdin://, file://PATH, wav://PATH,
     microphone://[DEVICE], serial://PORT.
 
     sample_rate: what an audio task wants; wav:// resamples to it and microphone:// opens at it.
+    kind: "audio" or "sensor" for streaming tasks; serial:// passes on blocks of that kind only.
     """
     if spec in ("mqtt", "mqtt://"):
         return MqttSource(default_topic)
@@ -105,7 +106,7 @@ def build_source(spec: str, default_topic: str, sample_rate: int | None = None) 
     if spec.startswith("serial://"):
         from edge_slm.serial_source import SerialSource
 
-        return SerialSource(spec)
+        return SerialSource(spec, kind)
     raise ConfigError(f"unknown source {spec!r}; use {SOURCE_HELP}")
 
 

@@ -1,0 +1,105 @@
+"""serial:// source: a microcontroller behind the firmware bridge streams sensor samples or audio.
+
+Uses firmware_bridge (pyserial, the optional `edge-slm[serial]` extra). Never imports TensorFlow,
+converters or devices.
+
+    serial:///dev/ttyUSB0?baud=921600           a local port
+    serial://socket://192.168.1.20:7000         any pyserial URL after serial://
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from edge_slm.errors import ConfigError, EdgeSlmError
+from edge_slm.sources import Deliver, RawInput
+from edge_slm.streams import AudioBlock, SensorBlock
+
+log = logging.getLogger(__name__)
+
+OPTIONS = ("baud", "hello_timeout_s")
+
+
+def split_spec(spec: str) -> tuple[str, float]:
+    """serial://... -> (the URL firmware_bridge opens, hello timeout); unknown options name themselves."""
+    rest = spec.removeprefix("serial://")
+    target, _, query = rest.partition("?")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"source {spec!r}: unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    try:
+        hello_timeout = float(options.pop("hello_timeout_s", "5"))
+    except ValueError as exc:
+        raise ConfigError(f"source {spec!r}: hello_timeout_s must be a number of seconds") from exc
+    if not target:
+        raise ConfigError(f"source {spec!r} names no port; write serial:///dev/ttyUSB0?baud=921600")
+    if "://" in target:  # a pyserial URL: socket://, rfc2217://, loop://
+        if "baud" in options:
+            raise ConfigError(f"source {spec!r}: baud only applies to a local port")
+        return target, hello_timeout
+    return "serial://" + target + ("?" + urlencode(options) if options else ""), hello_timeout
+
+
+class SerialSource:
+    """Blocks of the kind the pipeline's task takes (audio or sensor) from an McuSession.
+
+    The device may be unplugged at start or later: the link keeps reopening, and a new hello
+    starts a new stream (the task resets). Lost frames arrive as NaN samples, which sensor tasks
+    report as missing; a device that stops talking is logged as stale.
+    """
+
+    finite = False
+
+    def __init__(self, spec: str, kind: str | None = None) -> None:
+        self.spec = spec
+        self.url, self.hello_timeout = split_spec(spec)
+        self.kind = kind
+        self.session: Any = None
+        self.dropped_other_kind = 0
+        self._deliver: Deliver | None = None
+        try:
+            import serial  # noqa: F401 - pyserial, checked before serving
+        except ImportError as exc:
+            raise ConfigError("source serial:// needs pyserial: pip install 'edge-slm[serial]'") from exc
+
+    def start(self, deliver: Deliver, on_end: Callable[[], None]) -> None:
+        from firmware_bridge.mcu import McuSession
+
+        self._deliver = deliver
+        self.session = McuSession.from_url(self.url, on_block=self._on_block, on_event=self._on_event)
+        threading.Thread(target=self._handshake, name="source-serial-hello", daemon=True).start()
+
+    def _handshake(self) -> None:
+        try:
+            hello = self.session.start(timeout=self.hello_timeout)
+            log.info("serial %s: %s", self.url, hello)
+        except EdgeSlmError as exc:  # not there yet: the session keeps asking while the link reopens
+            log.warning("serial %s: %s; still waiting for the device", self.url, exc)
+
+    def _on_block(self, block: AudioBlock | SensorBlock) -> None:
+        kind = "audio" if isinstance(block, AudioBlock) else "sensor"
+        if self.kind is not None and kind != self.kind:
+            self.dropped_other_kind += 1
+            return
+        assert self._deliver is not None
+        t0 = block.t0 if block.t0 is not None else 0.0
+        self._deliver(RawInput(b"", f"serial:{self.url}", input_id=f"{block.stream}@{t0:.3f}", data=block))
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind in ("stale", "reconnect", "gap"):
+            log.warning("serial %s: %s %s", self.url, kind, data)
+
+    def counters(self) -> dict[str, Any]:
+        return self.session.counters() if self.session is not None else {}
+
+    def stop(self) -> None:
+        if self.session is not None:
+            self.session.stop()
+
+    def describe(self) -> str:
+        return self.spec
