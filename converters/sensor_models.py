@@ -177,6 +177,15 @@ def _convert(keras_model: Any, work: Path, out: Path, calib: np.ndarray, ev: np.
     return result.package
 
 
+def _keep(keras_model: Any, path: str | Path | None) -> None:
+    if path is not None:
+        from converters.tf_env import silenced
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with silenced():
+            keras_model.save(path)
+
+
 def _rewrite(package: ModelPackage, preprocessing: dict[str, Any], validation: dict[str, Any]) -> ModelPackage:
     """Add numbers that need the converted model (threshold, device-side metrics) to its manifest."""
     manifest = dict(package.manifest)
@@ -187,8 +196,11 @@ def _rewrite(package: ModelPackage, preprocessing: dict[str, Any], validation: d
 
 def train_anomaly(data: SensorData, out: str | Path, *, epochs: int = 40, percentile: float = 98.0,
                   quantize: str = "int8", seed: int = 0, name: str = "vibration-anomaly",
-                  say: Callable[[str], None] = lambda s: None) -> ModelPackage:
-    """Autoencoder on train NORMAL windows -> int8 package with threshold and detection report."""
+                  keras_out: str | Path | None = None, say: Callable[[str], None] = lambda s: None) -> ModelPackage:
+    """Autoencoder on train NORMAL windows -> int8 package with threshold and detection report.
+
+    keras_out: also keep the float Keras model there (for comparisons).
+    """
     keras = _keras()
     x_train = data.x("train", "normal")
     x_val = data.x("val", "normal")
@@ -198,6 +210,7 @@ def train_anomaly(data: SensorData, out: str | Path, *, epochs: int = 40, percen
     rng = np.random.default_rng(seed)
     noisy = x_train + rng.normal(0.0, 0.3, x_train.shape).astype(np.float32)  # denoising: smoother normal manifold
     ae.fit(noisy, x_train, epochs=epochs, batch_size=64, verbose=0, validation_data=(x_val, x_val))
+    _keep(ae, keras_out)
     prep = {"features": data.features.to_manifest(), "hop": data.hop}
     with tempfile.TemporaryDirectory() as tmp:
         pkg = _convert(ae, Path(tmp), Path(out), x_train, x_val, None, task="sensor-anomaly", name=name, labels=None,
@@ -211,8 +224,8 @@ def train_anomaly(data: SensorData, out: str | Path, *, epochs: int = 40, percen
     thresholds = {}
     for kind, run in (("float", lambda x: ae.predict(x, verbose=0)), ("int8", lambda x: tflite_outputs(model, x))):
         val_err = reconstruction_error(x_val, run(x_val))
-        scale = float(np.median(val_err))
-        threshold = float(np.percentile(error_to_score(val_err, scale), percentile))
+        scale = round(float(np.median(val_err)), 6)  # rounded as the manifest stores them: the device's numbers
+        threshold = round(float(np.percentile(error_to_score(val_err, scale), percentile)), 6)
         thresholds[kind] = (scale, threshold)
         normal_scores = error_to_score(reconstruction_error(x_test_normal, run(x_test_normal)), scale)
         fault_scores = {c: error_to_score(reconstruction_error(x, run(x)), scale) for c, x in x_test_faults.items()}
@@ -228,8 +241,12 @@ def train_anomaly(data: SensorData, out: str | Path, *, epochs: int = 40, percen
 
 
 def train_classifier(data: SensorData, out: str | Path, *, epochs: int = 40, quantize: str = "int8", seed: int = 0,
-                     name: str = "vibration-faults", say: Callable[[str], None] = lambda s: None) -> ModelPackage:
-    """Fault classifier on train machines -> int8 package validated on held-out (test) machines."""
+                     name: str = "vibration-faults", keras_out: str | Path | None = None,
+                     say: Callable[[str], None] = lambda s: None) -> ModelPackage:
+    """Fault classifier on train machines -> int8 package validated on held-out (test) machines.
+
+    keras_out: also keep the float Keras model there (for comparisons).
+    """
     keras = _keras()
     x_train, y_train = data.x("train"), data.y("train")
     x_val, y_val = data.x("val"), data.y("val")
@@ -242,6 +259,7 @@ def train_classifier(data: SensorData, out: str | Path, *, epochs: int = 40, qua
     weights = {i: float(len(y_train) / (len(counts) * max(c, 1))) for i, c in enumerate(counts)}  # normal is plentiful
     clf.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0, validation_data=(x_val, y_val),
             class_weight=weights)
+    _keep(clf, keras_out)
     prep = {"features": data.features.to_manifest(), "hop": data.hop}
     rng = np.random.default_rng(seed)
     calib = x_train[rng.permutation(len(x_train))[:400]]
