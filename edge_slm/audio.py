@@ -233,9 +233,11 @@ class FrontEnd:
             out.append(("sample_rate", f"must be positive, got {self.sample_rate}"))
             return out
         if self.window_ms <= 0 or self.window_length() < 2:
-            out.append(("window_ms", f"must cover at least 2 samples, got {self.window_ms}"))
+            out.append(("window_ms", f"must cover at least 2 samples, got {self.window_ms} ms at "
+                                     f"sample_rate {self.sample_rate}"))
         if self.hop_ms <= 0 or self.hop_length() < 1:
-            out.append(("hop_ms", f"must cover at least 1 sample, got {self.hop_ms}"))
+            out.append(("hop_ms", f"must cover at least 1 sample, got {self.hop_ms} ms at "
+                                  f"sample_rate {self.sample_rate}"))
         if self.n_fft != 0 and (self.n_fft < 0 or (out == [] and self.n_fft < self.window_length())):
             out.append(("n_fft", f"must be 0 (auto) or >= the window length, got {self.n_fft}"))
         if self.n_mels <= 0:
@@ -246,9 +248,11 @@ class FrontEnd:
             out.append(("preemphasis", f"must be in [0, 1), got {self.preemphasis}"))
         nyquist = self.sample_rate / 2.0
         if self.fmax < 0 or self.fmax > nyquist:
-            out.append(("fmax", f"must be 0 (sample_rate / 2) or in (fmin, {nyquist:g}], got {self.fmax}"))
+            out.append(("fmax", f"must be 0 (sample_rate / 2) or in (fmin, {nyquist:g}] for sample_rate "
+                                f"{self.sample_rate}, got {self.fmax}"))
         elif not 0.0 <= self.fmin < self.upper_hz():
-            out.append(("fmin", f"must be >= 0 and below fmax ({self.upper_hz():g}), got {self.fmin}"))
+            out.append(("fmin", f"must be >= 0 and below fmax ({self.upper_hz():g} Hz at sample_rate "
+                                f"{self.sample_rate}), got {self.fmin}"))
         if not self.log_floor > 0:
             out.append(("log_floor", f"must be positive, got {self.log_floor}"))
         return out
@@ -377,17 +381,23 @@ class FeatureStream:
 
     def reset(self) -> None:
         self._buf = np.zeros(0, dtype=np.float32)
+        self._skip = 0  # samples still to drop before the next frame (when hop > window)
         self.frames_done = 0
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         x = to_float(np.asarray(samples).reshape(-1))
+        if self._skip:
+            drop = min(self._skip, x.size)
+            x, self._skip = x[drop:], self._skip - drop
         buf = np.concatenate([self._buf, x]) if self._buf.size else x
         count = self.front_end.n_frames(buf.size)
         if count == 0:
             self._buf = buf.copy()
             return np.zeros((0, self.front_end.n_features()), dtype=np.float32)
         feats = self.front_end.features(buf[: self.front_end.n_samples(count)])
-        self._buf = buf[count * self.front_end.hop_length():].copy()
+        consumed = count * self.front_end.hop_length()
+        self._skip = max(0, consumed - buf.size)
+        self._buf = buf[consumed:].copy()
         self.frames_done += count
         return feats
 

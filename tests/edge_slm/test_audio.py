@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_slm.audio import (
     FeatureStream,
@@ -313,3 +315,53 @@ def test_bad_front_end_is_a_config_error() -> None:
         FrontEnd(n_mels=0)
     with pytest.raises(ModelError, match="object"):
         FrontEnd.from_manifest(["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- properties
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-10 ** 6, 10 ** 6) | st.floats(allow_nan=True)
+                     | st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                     max_leaves=5)
+_KEYS = st.sampled_from(["sample_rate", "window_ms", "hop_ms", "n_fft", "n_mels", "n_mfcc", "preemphasis",
+                         "fmin", "fmax", "log_floor", "schema_version", "features", "extra"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_KEYS, _JSON | st.integers(0, 20000) | st.floats(0, 20000), max_size=6))
+def test_from_manifest_gives_a_front_end_or_model_error(d: dict) -> None:
+    try:
+        fe = FrontEnd.from_manifest(d)
+    except ModelError as exc:
+        assert any(repr(k) in str(exc) or k in str(exc) for k in list(d) + ["object"]), str(exc)
+    else:
+        assert FrontEnd.from_manifest(json.loads(json.dumps(fe.to_manifest()))) == fe
+        assert fe.n_features() > 0 and fe.hop_length() > 0 and fe.fft_length() >= fe.window_length()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([8000, 16000, 22050]), st.sampled_from([20.0, 25.0, 30.0, 32.0]),
+       st.sampled_from([10.0, 12.5, 20.0, 40.0]), st.sampled_from([0, 13]),
+       st.lists(st.integers(1, 4000), min_size=1, max_size=12))
+def test_feature_stream_is_exact_for_any_front_end_and_split(rate: int, window_ms: float, hop_ms: float,
+                                                           n_mfcc: int, sizes: list[int]) -> None:
+    fe = FrontEnd(sample_rate=rate, window_ms=window_ms, hop_ms=hop_ms, n_mels=24, n_mfcc=n_mfcc,
+                  fmax=min(7000.0, rate / 2))
+    x = np.random.default_rng(sum(sizes)).normal(scale=0.1, size=sum(sizes)).astype(np.float32)
+    stream, out, i = FeatureStream(fe), [], 0
+    for n in sizes:
+        out.append(stream.push(x[i:i + n]))
+        i += n
+    np.testing.assert_array_equal(np.concatenate(out), fe.features(x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([(22050, 16000), (16000, 44100), (48000, 16000), (8000, 11025)]),
+       st.lists(st.integers(0, 3000), min_size=1, max_size=8))
+def test_streaming_resampler_is_exact_for_any_split(rates: tuple[int, int], sizes: list[int]) -> None:
+    x = np.random.default_rng(len(sizes)).normal(size=sum(sizes)).astype(np.float32)
+    r, out, i = Resampler(*rates), [], 0
+    for n in sizes:
+        out.append(r.feed(x[i:i + n]))
+        i += n
+    out.append(r.finish())
+    np.testing.assert_array_equal(np.concatenate(out), resample(x, *rates))
