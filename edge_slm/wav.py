@@ -27,6 +27,7 @@ _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 _ACCEPTED = "WAV (RIFF/WAVE) with PCM 8/16/24/32-bit or float32/float64 samples"
 _UNKNOWN_SIZE = 0xFFFFFFFF  # streaming writers (sox/arecord to a pipe) leave the size unset
 _MAX_CHANNELS = 64
+_MAX_RATE = 1_000_000  # a header beyond this is damaged (and would make resampling enormous)
 
 # what a file that is not a WAV starts with -> what it is
 _MAGIC: list[tuple[int, bytes, str]] = [
@@ -169,8 +170,9 @@ def _check_format(name: str, fmt: tuple[int, int, int, int, int], offset: int, s
                                       f"convert it: sox {name} -b 16 -e signed {name.rsplit('.', 1)[0]}-pcm16.wav")
     if not 1 <= channels <= _MAX_CHANNELS:
         raise InputError("not_audio", f"{name}: the WAV header says {channels} channels; the file is damaged")
-    if rate <= 0:
-        raise InputError("not_audio", f"{name}: the WAV header says sample rate {rate}; the file is damaged")
+    if not 1 <= rate <= _MAX_RATE:
+        raise InputError("not_audio", f"{name}: the WAV header says sample rate {rate} Hz (accepted: 1 to "
+                                      f"{_MAX_RATE}); the file is damaged")
     frame_bytes = channels * bits // 8
     return WavInfo(rate, channels, bits, is_float, offset, size - size % frame_bytes)
 

@@ -211,6 +211,10 @@ def test_unsupported_wav_encodings_say_what_they_are() -> None:
     assert err.value.code == "not_audio"
     with pytest.raises(InputError, match="12-bit"):
         read_wav(_riff([(b"fmt ", _fmt(bits=12)), (b"data", bytes(100))]))
+    huge_rate = bytearray(_fmt())
+    huge_rate[4:8] = struct.pack("<I", 4_000_000_000)  # would need a 10-million-tap resampling filter
+    with pytest.raises(InputError, match="sample rate 4000000000 Hz"):
+        read_wav(_riff([(b"fmt ", bytes(huge_rate)), (b"data", bytes(100))]), target_rate=16000)
 
 
 def test_nan_in_a_float_wav_is_bad_audio() -> None:
@@ -248,13 +252,15 @@ def test_resampled_read_matches_resample(wavs: Path, speech: np.ndarray) -> None
 
 
 def _check_only_input_errors(data: bytes) -> None:
-    try:
-        block = read_wav(data)
-    except InputError as exc:
-        assert exc.code in {"not_audio", "bad_audio", "empty_input"}, exc.code
-        assert str(exc)
-    else:
-        assert block.samples.dtype == np.float32 and block.samples.ndim == 1 and block.sample_rate > 0
+    for rate in (None, 16000):
+        try:
+            block = read_wav(data, target_rate=rate)
+        except InputError as exc:
+            assert exc.code in {"not_audio", "bad_audio", "empty_input"}, exc.code
+            assert str(exc)
+        else:
+            assert block.samples.dtype == np.float32 and block.samples.ndim == 1 and block.sample_rate > 0
+            assert rate is None or block.sample_rate == rate
 
 
 @settings(max_examples=300, deadline=None)
@@ -278,3 +284,53 @@ def test_corrupted_real_headers_raise_only_input_error(wavs: Path, flips: list[t
         if pos < len(raw):
             raw[pos] = value
     _check_only_input_errors(bytes(raw))
+
+
+_ENCODINGS = {  # (format tag, bits, numpy dtype of the stored samples, scale to [-1, 1])
+    "u8": (1, 8, np.uint8), "s16": (1, 16, np.dtype("<i2")), "s24": (1, 24, None), "s32": (1, 32, np.dtype("<i4")),
+    "f32": (3, 32, np.dtype("<f4")), "f64": (3, 64, np.dtype("<f8")),
+}
+
+
+def _encode(x: np.ndarray, enc: str) -> tuple[bytes, np.ndarray]:
+    """float samples [n, ch] in [-1, 1) -> (sample bytes, the float values those bytes stand for)."""
+    tag, bits, dtype = _ENCODINGS[enc]
+    if enc == "u8":
+        q = np.clip(np.round(x * 128 + 128), 0, 255).astype(np.uint8)
+        return q.tobytes(), (q.astype(np.float64) - 128) / 128
+    if tag == 3:
+        q = x.astype(dtype)
+        return q.tobytes(), q.astype(np.float64)
+    full = 2 ** (bits - 1)
+    q = np.clip(np.round(x * full), -full, full - 1).astype(np.int64)
+    if bits == 24:
+        u = (q % (1 << 24)).astype(np.uint32).reshape(-1)
+        data = np.stack([u & 0xFF, (u >> 8) & 0xFF, u >> 16], axis=1).astype(np.uint8).tobytes()
+    else:
+        data = q.astype(dtype).tobytes()
+    return data, q / full
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(_ENCODINGS)), st.integers(1, 4), st.integers(1, 300),
+       st.sampled_from([8000, 11025, 16000, 44100, 96000]), st.booleans(), st.integers(0, 2 ** 32 - 1))
+def test_any_pcm_or_float_wav_decodes_to_its_samples(enc: str, channels: int, n: int, rate: int,
+                                                     extensible: bool, seed: int) -> None:
+    x = np.random.default_rng(seed).uniform(-1, 1, size=(n, channels))
+    data, expected = _encode(x, enc)
+    tag, bits, _ = _ENCODINGS[enc]
+    fmt = _fmt(tag, channels, rate, bits)
+    if extensible:  # cbSize, valid bits, channel mask, SubFormat GUID (the tag, then the fixed tail)
+        fmt = _fmt(0xFFFE, channels, rate, bits) + struct.pack("<HHI", 22, bits, 0) + struct.pack("<H", tag) + \
+            b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+    block = read_wav(_riff([(b"fmt ", fmt), (b"LIST", b"INFOx"), (b"data", data)]))
+    assert block.sample_rate == rate and block.samples.dtype == np.float32
+    np.testing.assert_allclose(block.samples, expected.mean(axis=1), rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.floats(1.0, 700.0), st.sampled_from([None, 8000, 16000, 48000]))
+def test_read_wav_frames_any_block_size(wavs: Path, block_ms: float, rate: int | None) -> None:
+    whole = read_wav(wavs / "s24_stereo_44k.wav", target_rate=rate).samples
+    blocks = list(read_wav_frames(wavs / "s24_stereo_44k.wav", block_ms=block_ms, target_rate=rate))
+    np.testing.assert_array_equal(np.concatenate([b.samples for b in blocks]), whole)
