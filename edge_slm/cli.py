@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,18 @@ EPILOG = """examples:
   edge-slm validate pkg --eval eval.npz           check a package on this device
   edge-slm run agent.toml                         serve pipelines, publish results over MQTT
   edge-slm bench pkg                              time the model on this device
+  edge-slm train-kws -o kws_pkg                   speak, train and convert a keyword spotter
+  edge-slm train-sensor -o sensor_pkgs            vibration anomaly + fault models
+  edge-slm export-mcu pkg -o firmware/model       C array, op resolver and arena size for TFLite Micro
 """
+
+# Host commands whose parsers live with their code; imported only when that command runs, so the
+# device path (edge-slm run) never loads converters. module, one-line help.
+HOST_COMMANDS = {
+    "train-kws": ("converters.kws", "speak a keyword dataset with espeak-ng, train a keyword spotter, write an int8 package"),
+    "train-sensor": ("converters.sensor_models", "train the vibration anomaly and fault models, write int8 packages"),
+    "export-mcu": ("firmware_bridge.tflm_export", "export a package for TensorFlow Lite Micro: C array, op resolver, arena size"),
+}
 
 
 def _setup_logging(level: str) -> None:
@@ -159,7 +171,21 @@ def _host(module: str, func: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_host_commands(sub: Any, command: str | None) -> None:
+    for name, (module, help_text) in HOST_COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; never parsed
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise EdgeSlmError(f"{name} runs on the host and needs the convert extra ({exc.name} is missing): "
+                               "pip install 'edge-slm[convert]'") from exc
+        mod.add_cli(sub)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; COMMAND (the sub-command being run) decides which host parsers are imported."""
     parser = argparse.ArgumentParser(
         prog="edge-slm",
         description="Put small language models on edge devices: convert to int8 TFLite, validate, "
@@ -323,11 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_host("devices.status", "cmd_status"))
 
+    _add_host_commands(sub, command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command)
+    except EdgeSlmError as exc:
+        print(f"edge-slm {command}: error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
