@@ -202,8 +202,15 @@ class SensorFeatures:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         nyquist = self.sample_rate / 2
-        if self.window < 16 or self.sample_rate <= 0 or not self.channels:
-            raise ModelError(f"sensor features need window >= 16, sample_rate > 0 and channels; got {self}")
+        numbers = (self.sample_rate, self.f_min, self.envelope_f_max, self.envelope_highpass)
+        if not all(math.isfinite(v) for v in numbers) or self.full_scale is not None and not (
+                math.isfinite(self.full_scale) and self.full_scale > 0):
+            raise ModelError("sensor features: sample_rate, f_min, envelope_f_max, envelope_highpass and full_scale "
+                             "must be finite (and full_scale positive)")
+        if self.window < 16 or self.sample_rate <= 0 or not self.channels or self.bands < 1 or self.envelope_bands < 1:
+            raise ModelError("sensor features need window >= 16 samples, sample_rate > 0, at least one channel and "
+                             f"at least one band of each kind; got window={self.window} sample_rate={self.sample_rate} "
+                             f"bands={self.bands} envelope_bands={self.envelope_bands}")
         if not 0 < self.f_min < self.envelope_f_max <= nyquist or not 0 < self.envelope_highpass < 0.95 * nyquist:
             raise ModelError(
                 f"sensor features: need 0 < f_min < envelope_f_max <= Nyquist ({nyquist:g} Hz) and "
