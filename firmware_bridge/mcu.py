@@ -135,6 +135,8 @@ class McuSession:
         self._need_new_stream = True
         self._hello_asked = 0.0
         self._sensor_next_us: dict[int, float] = {}  # channels -> expected timestamp of the next sample
+        self._gap_since_sensor = False
+        self._gap_since_audio = False
         self._audio_next_s: float | None = 0.0  # stream time of the next audio sample; None once unknown
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -239,6 +241,11 @@ class McuSession:
         )
 
     @property
+    def last_seq(self) -> int | None:
+        """Seq of the last frame received from the device (None before the first, and after a reconnect)."""
+        return self._last_seq
+
+    @property
     def alive(self) -> bool:
         """True while frames keep arriving (at most stale_after_s apart)."""
         return self._alive and time.monotonic() - self._last_rx <= self.stale_after_s
@@ -285,6 +292,7 @@ class McuSession:
         if reopens != self._reopens:  # the port came back: the device may have rebooted
             self._reopens = reopens
             self._counters["reconnects"] += 1
+            self._last_seq = None  # frames lost while the port was down are not counted as gaps
             self._lose_continuity()
             self._need_new_stream = True
             self._hello_asked = 0.0
@@ -301,7 +309,6 @@ class McuSession:
                 pass  # port down; the next retry asks again
 
     def _lose_continuity(self) -> None:
-        self._last_seq = None
         self._sensor_next_us.clear()
         self._audio_next_s = 0.0
 
@@ -310,18 +317,26 @@ class McuSession:
         self._last_rx = time.monotonic()
         if not self._alive:
             self._alive = True
-            self._emit("alive")
+            self._emit("alive", seq=frame.seq)
+        try:
+            hello = unpack_hello(frame.payload) if frame.msg_type == MsgType.HELLO else None
+        except FrameError as exc:
+            self._bad_payload(frame, exc)
+            hello = None
         lost = 0
-        if self._last_seq is not None:
+        rebooted = hello is not None and self.capabilities is not None and hello.boot_id != self.capabilities.boot_id
+        if self._last_seq is not None and not rebooted:  # a rebooted device starts its seq afresh
             lost = (frame.seq - self._last_seq - 1) & 0xFFFF
             if lost:
                 self._counters["lost_frames"] += lost
                 self._counters["gaps"] += 1
                 self._emit("gap", first_seq=(self._last_seq + 1) & 0xFFFF, missing=lost)
+                # the lost frames may have been samples; the next sensor/audio frame finds out
+                self._gap_since_sensor = self._gap_since_audio = True
         self._last_seq = frame.seq
         try:
-            if frame.msg_type == MsgType.HELLO:
-                self._on_hello(unpack_hello(frame.payload))
+            if hello is not None:
+                self._on_hello(hello)
             elif frame.msg_type == MsgType.ACK:
                 acked, status = unpack_ack(frame.payload)
                 self._counters["acks"] += 1
@@ -341,13 +356,17 @@ class McuSession:
                 self.last_heartbeat = dict(vars(hb))
                 self._emit("heartbeat", **self.last_heartbeat)
             elif frame.msg_type == MsgType.SENSOR_SAMPLES:
-                self._on_sensor(frame, lost)
+                self._on_sensor(frame)
             elif frame.msg_type == MsgType.AUDIO_CHUNK:
-                self._on_audio(frame, lost)
-        except FrameError as exc:  # a CRC-valid frame with a payload this host cannot read
-            self._counters["bad_payloads"] += 1
-            log.warning("dropping %s frame seq %d: %s", frame.msg_type, frame.seq, exc)
-            self._emit("bad_payload", seq=frame.seq, error=str(exc))
+                self._on_audio(frame)
+        except FrameError as exc:
+            self._bad_payload(frame, exc)
+
+    def _bad_payload(self, frame: Frame, exc: FrameError) -> None:
+        # a CRC-valid frame with a payload this host cannot read: newer firmware, or a firmware bug
+        self._counters["bad_payloads"] += 1
+        log.warning("dropping frame of type %#04x seq %d: %s", frame.msg_type, frame.seq, exc)
+        self._emit("bad_payload", seq=frame.seq, error=str(exc))
 
     def _device_name(self) -> str:
         return self.capabilities.device_name if self.capabilities else self.link.__class__.__name__
@@ -367,7 +386,7 @@ class McuSession:
             self._cond.notify_all()
         self._emit("hello", hello=hello, stream=self.stream, new_stream=new)
 
-    def _on_sensor(self, frame: Frame, lost: int) -> None:
+    def _on_sensor(self, frame: Frame) -> None:
         data = unpack_sensor_samples(frame.payload)
         caps = self.capabilities
         info = caps.stream(StreamKind.SENSOR, data.channels) if caps else None
@@ -382,6 +401,7 @@ class McuSession:
         rate = float(data.sample_rate_hz)
         t_us = float(data.timestamp_us)
         expected = self._sensor_next_us.get(ch)
+        lost, self._gap_since_sensor = self._gap_since_sensor, False
         if lost and expected is not None and rate > 0:
             missing = int(round((t_us - expected) * rate / 1e6))
             if 0 < missing <= MAX_FILL_S * rate:  # the lost frames held these samples: say so with NaN
@@ -396,7 +416,7 @@ class McuSession:
         self._counters["sensor_samples"] += n
         self._deliver(SensorBlock(values, rate, channels=names, t0=t_us / 1e6, stream=self.stream))
 
-    def _on_audio(self, frame: Frame, lost: int) -> None:
+    def _on_audio(self, frame: Frame) -> None:
         chunk = unpack_audio_chunk(frame.payload)
         if self.capabilities is None or self._need_new_stream:
             self._counters["before_hello"] += 1
@@ -404,6 +424,7 @@ class McuSession:
         if chunk.sample_rate <= 0 or chunk.samples.size == 0:
             self._counters["bad_payloads"] += int(chunk.sample_rate <= 0)
             return
+        lost, self._gap_since_audio = self._gap_since_audio, False
         if lost and self._audio_next_s is not None:
             # Audio chunks carry no timestamp (v1), so how much audio lost frames held is unknown:
             # blocks after the gap have t0=None (unknown) until the next stream, and the gap is counted.

@@ -69,7 +69,7 @@ _WEIGHT_TYPES = frozenset({"INT8", "UINT8", "INT4", "INT16"})
 # build needs less: pointers are 4 bytes, so these over-estimate it). Struct sizes from tflite-micro's
 # micro_allocator.cc / micro_allocation_info.h / greedy_memory_planner.cc, checked against the tflite-micro
 # 0.dev20261023182759 wheel's RecordingMicroAllocator (Interpreter.print_allocations) and the smallest arena
-# its interpreter accepts, on the models in tests/firmware_bridge/test_tflm_export.py (estimate 1-9% above):
+# its interpreter accepts, on 14 small conv/dense/pool/mean models (estimate 1.5-10% above that minimum):
 #   tail (persistent, allocated from the end of the arena):
 #     TfLiteEvalTensor, 24 per tensor of the subgraph ("TfLiteEvalTensor data");
 #     NodeAndRegistration, 64 per operator;
@@ -136,7 +136,7 @@ class McuExport:
     tensor_count: int
     plan: list[PlannedBuffer]
     activation_peak: int  # greedy plan: bytes of arena the activations need at once
-    naive_sum: int  # every activation tensor in its own slot (no reuse)
+    naive_sum: int  # every activation tensor in its own slot (no reuse, no kernel scratch)
     largest_tensor: int
     overhead: dict[str, int]  # TFLM's persistent structs (arena tail), by kind
     planning_scratch: int  # what AllocateTensors borrows from the head before activations use it
@@ -179,7 +179,6 @@ def export_mcu(
     if problems:
         raise McuExportError(
             f"{model_path} cannot run under TensorFlow Lite Micro: " + "; ".join(problems)
-            + ". Re-convert with full int8 quantization (edge-slm convert --quantize int8) and only TFLM builtin ops"
         )
     ident = c_identifier(name or default_name)
     graph = model.subgraphs[0]
@@ -187,6 +186,7 @@ def export_mcu(
     peak = max((b.offset + b.size for b in plan), default=0)
     overhead = _overhead(model)
     scratch = _planning_scratch(model, len(plan))
+    tensors = [b for b in plan if b.tensor >= 0]
     estimate = max(peak, scratch) + sum(overhead.values())
     arena = _align(int(estimate * (1.0 + arena_margin) + 0.999999))
     export = McuExport(
@@ -201,8 +201,8 @@ def export_mcu(
         tensor_count=len(graph.tensors),
         plan=plan,
         activation_peak=peak,
-        naive_sum=sum(b.size for b in plan),
-        largest_tensor=max((b.size for b in plan), default=0),
+        naive_sum=sum(b.size for b in tensors),
+        largest_tensor=max((b.size for b in tensors), default=0),
         overhead=overhead,
         planning_scratch=scratch,
         arena_estimate=estimate,
@@ -247,19 +247,21 @@ def _problems(model: tfl.TfliteModel) -> list[str]:
         elif op.name not in TFLM_OPS:
             missing[label] = "no TFLM kernel"
     if missing:
-        out.append("unsupported ops: " + ", ".join(f"{k} ({v})" for k, v in sorted(missing.items())))
+        out.append("unsupported ops: " + ", ".join(f"{k} ({v})" for k, v in sorted(missing.items()))
+                   + "; change the model to use ops firmware_bridge.tflm_export.TFLM_OPS lists")
     bad_types: dict[str, set[str]] = {}
     for op in graph.operators:
         for t in _op_tensors(graph, op):
             if t.dtype not in TFLM_TYPES:
                 bad_types.setdefault(t.dtype, set()).add(_op_label(op))
     for dtype, ops in sorted(bad_types.items()):
-        out.append(f"{dtype} tensors (no TFLM kernel reads them) used by {', '.join(sorted(ops))}")
+        out.append(f"{dtype} tensors (no TFLM kernel reads them) used by {', '.join(sorted(ops))}; "
+                   "re-convert with edge-slm convert --quantize int8 (or float32)")
     hybrid = sorted({_op_label(op) for op in graph.operators if _is_hybrid(model, graph, op)})
     if hybrid:
         out.append(
             f"hybrid (dynamic-range) ops with int8 weights and float activations: {', '.join(hybrid)}; "
-            "TFLM has no hybrid kernels"
+            "TFLM has no hybrid kernels; re-convert with edge-slm convert --quantize int8"
         )
     dynamic = sorted({t.name for t in graph.tensors if not model.is_constant(t) and _is_dynamic(t)})
     if dynamic:
@@ -303,12 +305,15 @@ def _align(n: int) -> int:
 
 
 def plan_arena(model: tfl.TfliteModel) -> list[PlannedBuffer]:
-    """Place every activation tensor of subgraph 0 like TFLM's GreedyMemoryPlanner.
+    """Place every activation tensor of subgraph 0, and the kernels' scratch buffers, like TFLM's
+    GreedyMemoryPlanner (tensorflow/lite/micro/memory_planner/greedy_memory_planner.cc).
 
     Lifetimes follow TFLM's AllocationInfoBuilder: graph inputs live from op 0, graph outputs to the last op,
-    an op's outputs are created at that op and its inputs are used until it. Buffers are placed largest first
-    (ties: earlier first) at the lowest 16-byte-aligned offset that overlaps no placed buffer alive at the
-    same time. Constant tensors (data in the file) and variables (persistent) are not planned.
+    an op's outputs are created at that op and its inputs are used until it; a scratch buffer lives during its
+    op. Buffers are placed largest first (equal sizes: the later buffer first, as TFLM's reverse sort leaves
+    them) at the lowest offset that overlaps no placed buffer alive at the same time; sizes are rounded up to
+    16. Constant tensors (data in the file) and variables (persistent) are not planned. On the 14 models
+    this was checked on, the peak equals the "head" TFLM's RecordingMicroAllocator reports, to the byte.
     """
     graph = model.subgraphs[0]
     n_ops = len(graph.operators)
@@ -316,8 +321,10 @@ def plan_arena(model: tfl.TfliteModel) -> list[PlannedBuffer]:
     last: dict[int, int] = {}
 
     def planned(i: int) -> bool:
+        if i < 0:
+            return False
         t = graph.tensors[i]
-        return i >= 0 and not model.is_constant(t) and not t.is_variable and t.nbytes > 0
+        return not model.is_constant(t) and not t.is_variable and t.nbytes > 0
 
     for i in graph.inputs:
         if planned(i):
@@ -336,18 +343,45 @@ def plan_arena(model: tfl.TfliteModel) -> list[PlannedBuffer]:
         if planned(i):
             first.setdefault(i, max(n_ops - 1, 0))
             last[i] = max(n_ops - 1, 0)
-    order = sorted(first, key=lambda i: (-_align(graph.tensors[i].nbytes), first[i], i))
+    # (sort id, tensor index or -1, name, size, first, last); TFLM numbers scratch buffers after the tensors.
+    requests = [(i, i, graph.tensors[i].name, _align(graph.tensors[i].nbytes), first[i], last[i]) for i in first]
+    for k, op in enumerate(graph.operators):
+        size = _kernel_scratch(graph, op)
+        if size:
+            requests.append((len(graph.tensors) + k, -1, f"{_op_label(op)} #{k} scratch", _align(size), k, k))
     placed: list[PlannedBuffer] = []
-    for i in order:
-        size = _align(graph.tensors[i].nbytes)
-        live = sorted((b for b in placed if b.first <= last[i] and first[i] <= b.last), key=lambda b: b.offset)
+    for _, tensor, name, size, lo, hi in sorted(requests, key=lambda r: (-r[3], -r[0])):
+        live = sorted((b for b in placed if b.first <= hi and lo <= b.last), key=lambda b: b.offset)
         offset = 0
         for b in live:
             if offset + size <= b.offset:
                 break
-            offset = max(offset, _align(b.offset + b.size))
-        placed.append(PlannedBuffer(i, graph.tensors[i].name, size, first[i], last[i], offset))
-    return sorted(placed, key=lambda b: (b.first, b.tensor))
+            offset = max(offset, b.offset + b.size)
+        placed.append(PlannedBuffer(tensor, name, size, lo, hi, offset))
+    return sorted(placed, key=lambda b: (b.first, b.tensor < 0, b.tensor))
+
+
+def _kernel_scratch(graph: tfl.SubGraph, op: tfl.Operator) -> int:
+    """Scratch bytes TFLM's reference kernel asks for in Prepare (RequestScratchBufferInArena), where known.
+
+    MEAN/SUM on int8/int16: an int32 running sum per output element plus the resolved-axis and index arrays
+    (measured: 4 x outputs + 32). TRANSPOSE_CONV on int8/int16: an int32/int64 accumulator per output element.
+    CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED with INT4 weights: the unpacked int8 filter. Optimized kernel
+    libraries (CMSIS-NN, ESP-NN) ask for more; the margin is for them.
+    """
+    if not op.outputs or op.outputs[0] < 0 or not op.inputs or op.inputs[0] < 0:
+        return 0
+    inp, out = graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]]
+    elements = out.nbytes * 8 // max(out.bits, 1)
+    if op.name in ("MEAN", "SUM") and inp.dtype in ("INT8", "INT16"):
+        return 4 * elements + 32
+    if op.name == "TRANSPOSE_CONV" and out.dtype in ("INT8", "INT16"):
+        return (4 if out.dtype == "INT8" else 8) * elements
+    if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") and len(op.inputs) > 1 and op.inputs[1] >= 0:
+        weights = graph.tensors[op.inputs[1]]
+        if weights.dtype == "INT4":
+            return weights.nbytes * 2
+    return 0
 
 
 def _overhead(model: tfl.TfliteModel) -> dict[str, int]:

@@ -535,7 +535,8 @@ int main(int argc, char **argv)
 
         if (m.speed > 0) {
             vt = (now - t0) * m.speed;
-            wait_ms = next_event > vt ? (int)((next_event - vt) / m.speed * 1000.0) + 1 : 0;
+            double wait_s = next_event > vt ? (next_event - vt) / m.speed : 0.0;
+            wait_ms = wait_s > 0.05 ? 50 : (int)(wait_s * 1000.0) + (wait_s > 0);
         } else {
             wait_ms = (imu_on || mic_on) ? 0 : 20;
             if (imu_on || mic_on) vt = next_event;
