@@ -446,14 +446,19 @@ class Resampler:
 
     def _produce(self, k_end: int) -> np.ndarray:
         out = []
+        # the by-phase path copies nothing, so it takes big blocks; the gather path copies taps per output
+        block = max(16384, 128 * self.up) if self._table is not None and self.up <= 1024 else 16384
         while self._k < k_end:
-            k1 = min(k_end, self._k + 16384)
-            k = np.arange(self._k, k1, dtype=np.int64)
-            n0 = (k * self.down) // self.up
-            p = (k * self.down) % self.up
-            h = self._table[p] if self._table is not None else self._kernel(p[:, None])
-            idx = (n0 - self.half + 1 - self._base)[:, None] + np.arange(self.taps)[None, :]
-            out.append(np.einsum("ij,ij->i", self._buf[idx], h))
+            k1 = min(k_end, self._k + block)
+            if self._table is not None and k1 - self._k >= 4 * self.up:
+                out.append(self._by_phase(self._k, k1))
+            else:
+                k = np.arange(self._k, k1, dtype=np.int64)
+                n0 = (k * self.down) // self.up
+                p = (k * self.down) % self.up
+                h = self._table[p] if self._table is not None else self._kernel(p[:, None])
+                idx = (n0 - self.half + 1 - self._base)[:, None] + np.arange(self.taps)[None, :]
+                out.append(np.einsum("ij,ij->i", self._buf[idx], h))
             self._k = k1
         n0_next = (self._k * self.down) // self.up
         drop = n0_next - self.half + 1 - self._base
@@ -461,6 +466,22 @@ class Resampler:
             self._buf = self._buf[drop:]
             self._base += drop
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
+
+    def _by_phase(self, k0: int, k1: int) -> np.ndarray:
+        # Outputs k, k + up, k + 2 up, ... share a phase and step through the input by `down`: a strided
+        # view gives their taps without copying. Same einsum (same summation order per output) as the
+        # gather path, so the numbers do not depend on which path a block took.
+        y = np.empty(k1 - k0, dtype=np.float64)
+        step = self._buf.strides[0]
+        for r in range(min(self.up, k1 - k0)):
+            k = k0 + r
+            count = (k1 - k + self.up - 1) // self.up
+            start = (k * self.down) // self.up - self.half + 1 - self._base
+            view = np.lib.stride_tricks.as_strided(self._buf[start:], shape=(count, self.taps),
+                                                   strides=(self.down * step, step), writeable=False)
+            h = np.broadcast_to(self._table[(k * self.down) % self.up], (count, self.taps))
+            y[r::self.up] = np.einsum("ij,ij->i", view, h)
+        return y
 
     def feed(self, x: np.ndarray) -> np.ndarray:
         """More input samples -> the output samples that are now fully determined (float32)."""
@@ -497,5 +518,7 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     if int(from_rate) == int(to_rate):
         return to_float(x).copy()
     r = Resampler(from_rate, to_rate)
-    head = r.feed(x)
-    return np.concatenate([head, r.finish()])
+    step = 1 << 18  # in pieces, so the float64 working buffer stays small for long recordings
+    parts = [r.feed(x[i:i + step]) for i in range(0, x.size, step)]
+    parts.append(r.finish())
+    return np.concatenate(parts)
