@@ -136,7 +136,7 @@ class McuExport:
     tensor_count: int
     plan: list[PlannedBuffer]
     activation_peak: int  # greedy plan: bytes of arena the activations need at once
-    naive_sum: int  # every activation tensor in its own slot (no reuse, no kernel scratch)
+    naive_sum: int  # every planned buffer (activations, kernel scratch) in its own slot: no reuse
     largest_tensor: int
     overhead: dict[str, int]  # TFLM's persistent structs (arena tail), by kind
     planning_scratch: int  # what AllocateTensors borrows from the head before activations use it
@@ -201,7 +201,7 @@ def export_mcu(
         tensor_count=len(graph.tensors),
         plan=plan,
         activation_peak=peak,
-        naive_sum=sum(b.size for b in tensors),
+        naive_sum=sum(b.size for b in plan),
         largest_tensor=max((b.size for b in tensors), default=0),
         overhead=overhead,
         planning_scratch=scratch,
