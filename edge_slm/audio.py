@@ -23,6 +23,7 @@ sample i * hop, i.e. at time i * hop_ms.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from typing import Any
@@ -217,16 +218,23 @@ class FrontEnd:
     def __post_init__(self) -> None:
         for key, problem in self._problems():
             raise ConfigError(f"audio front end: {key}: {problem}")
+        for f in fields(self):  # numpy scalars -> plain int/float, so the manifest is JSON-ready
+            v = getattr(self, f.name)
+            object.__setattr__(self, f.name, int(v) if f.name in _INT_FIELDS else float(v))
 
     def _problems(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        types = {"sample_rate": int, "n_fft": int, "n_mels": int, "n_mfcc": int}
         for f in fields(self):
             v = getattr(self, f.name)
-            want = types.get(f.name, float)
-            ok = (isinstance(v, int) if want is int else isinstance(v, (int, float)))
-            if isinstance(v, bool) or not ok or (isinstance(v, float) and not math.isfinite(v)):
-                out.append((f.name, f"must be {'an integer' if want is int else 'a number'}, got {v!r}"))
+            want_int = f.name in _INT_FIELDS
+            ok = isinstance(v, numbers.Integral if want_int else numbers.Real) and not isinstance(v, bool)
+            if not ok or not _finite(v):
+                out.append((f.name, f"must be {'an integer' if want_int else 'a number'}, got {v!r}"))
+        if out:
+            return out
+        for key, limit in _LIMITS.items():
+            if getattr(self, key) > limit:
+                out.append((key, f"must be at most {limit:g}, got {getattr(self, key)}"))
         if out:
             return out
         if self.sample_rate <= 0:
@@ -364,6 +372,18 @@ class FrontEnd:
                              "inconsistent: re-convert the model")
         return fe
 
+
+def _finite(v: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int with hundreds of digits
+        return False
+
+
+_INT_FIELDS = frozenset({"sample_rate", "n_fft", "n_mels", "n_mfcc"})
+# far beyond any real front end; a manifest past them is damaged and would allocate without bound
+_LIMITS = {"sample_rate": 1_000_000, "window_ms": 10_000.0, "hop_ms": 10_000.0, "n_fft": 1 << 20,
+           "n_mels": 1024, "n_mfcc": 1024}
 
 _TABLES: dict[FrontEnd, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 

@@ -302,12 +302,22 @@ def test_manifest_round_trip_through_json() -> None:
     ({"window_ms": float("nan")}, "window_ms"),
     ({"schema_version": 2}, "schema_version"),
     ({"features": "mfcc"}, "features"),
+    ({"window_ms": 1e12}, "window_ms"),
+    ({"n_fft": 2 ** 40}, "n_fft"),
+    ({"hop_ms": 10 ** 400}, "hop_ms"),
 ])
 def test_from_manifest_names_the_bad_key(patch: dict, key: str) -> None:
     d = FrontEnd().to_manifest()
     d.update(patch)
     with pytest.raises(ModelError, match=key):
         FrontEnd.from_manifest(d)
+
+
+def test_numpy_scalars_become_plain_numbers() -> None:
+    fe = FrontEnd(sample_rate=np.int64(8000), window_ms=np.float32(25.0), n_mels=np.int32(20), hop_ms=10)
+    assert type(fe.sample_rate) is int and type(fe.window_ms) is float and type(fe.hop_ms) is float
+    assert fe == FrontEnd(sample_rate=8000, window_ms=25.0, n_mels=20, hop_ms=10.0)
+    json.dumps(fe.to_manifest())
 
 
 def test_bad_front_end_is_a_config_error() -> None:
@@ -327,7 +337,7 @@ _KEYS = st.sampled_from(["sample_rate", "window_ms", "hop_ms", "n_fft", "n_mels"
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(_KEYS, _JSON | st.integers(0, 20000) | st.floats(0, 20000), max_size=6))
+@given(st.dictionaries(_KEYS, _JSON | st.integers(0, 20000) | st.floats(0, 20000) | st.integers(), max_size=6))
 def test_from_manifest_gives_a_front_end_or_model_error(d: dict) -> None:
     try:
         fe = FrontEnd.from_manifest(d)
