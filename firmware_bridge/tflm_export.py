@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,9 +178,7 @@ def export_mcu(
     model = tfl.parse(data)
     problems = _problems(model)
     if problems:
-        raise McuExportError(
-            f"{model_path} cannot run under TensorFlow Lite Micro: " + "; ".join(problems)
-        )
+        raise McuExportError(f"{model_path} cannot run under TensorFlow Lite Micro: " + "; ".join(problems))
     ident = c_identifier(name or default_name)
     graph = model.subgraphs[0]
     plan = plan_arena(model)
@@ -188,7 +187,7 @@ def export_mcu(
     scratch = _planning_scratch(model, len(plan))
     tensors = [b for b in plan if b.tensor >= 0]
     estimate = max(peak, scratch) + sum(overhead.values())
-    arena = _align(int(estimate * (1.0 + arena_margin) + 0.999999))
+    arena = _align(math.ceil(estimate * (1.0 + arena_margin)))
     export = McuExport(
         name=ident,
         source=str(model_path),
@@ -230,7 +229,8 @@ def _problems(model: tfl.TfliteModel) -> list[str]:
     """Every reason TFLM would refuse the model, one string each, naming ops and tensors."""
     out: list[str] = []
     if len(model.subgraphs) != 1:
-        out.append(f"{len(model.subgraphs)} subgraphs (control flow such as IF/WHILE); this exporter plans one")
+        out.append(f"{len(model.subgraphs)} subgraphs (control flow such as IF/WHILE); this exporter plans one: "
+                   "unroll the loop or branch in the model before converting")
     if not model.subgraphs:
         return out
     graph = model.subgraphs[0]

@@ -179,18 +179,29 @@ static uint8_t builtin_command(edge_slm_device *dev, const edge_slm_command *cmd
                 return EDGE_SLM_ACK_BAD_ARGS;
             }
         }
-        for (i = 0; i < dev->n_streams; i++) {
-            if (index < 0 || index == i) {
-                dev->streams[i].rate_hz = rate;
+        {
+            uint32_t old[EDGE_SLM_DEVICE_MAX_STREAMS];
+            uint8_t status = EDGE_SLM_ACK_OK;
+            for (i = 0; i < dev->n_streams; i++) {
+                old[i] = dev->streams[i].rate_hz;
+                if (index < 0 || index == i) {
+                    dev->streams[i].rate_hz = rate;
+                }
             }
+            if (dev->on_command != NULL) {
+                status = dev->on_command(dev->ctx, dev, cmd);
+            }
+            for (i = 0; status != EDGE_SLM_ACK_OK && i < dev->n_streams; i++) {
+                dev->streams[i].rate_hz = old[i]; /* the hardware said no: keep announcing the real rate */
+            }
+            return status;
         }
-        break;
     }
     default:
         *handled = 0;
         return EDGE_SLM_ACK_UNKNOWN_COMMAND;
     }
-    /* the application hears about start/stop/set_rate too (to power sensors, reset timers) */
+    /* the application hears about start/stop too (to power sensors, reset timers); it may refuse */
     if (dev->on_command != NULL) {
         return dev->on_command(dev->ctx, dev, cmd);
     }

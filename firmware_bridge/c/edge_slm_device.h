@@ -28,7 +28,8 @@ typedef struct {
 struct edge_slm_device;
 /* Write a whole encoded frame; return len when written, 0 when it had to be dropped. */
 typedef size_t (*edge_slm_write_fn)(void *ctx, const uint8_t *data, size_t len);
-/* Commands the device layer does not handle itself; return an EDGE_SLM_ACK_* status. */
+/* Called for commands the device layer does not handle itself, and after it applied start, stop and
+ * set_rate (a non-OK answer to set_rate rolls the rate back). Return an EDGE_SLM_ACK_* status. */
 typedef uint8_t (*edge_slm_command_fn)(void *ctx, struct edge_slm_device *dev, const edge_slm_command *cmd);
 
 typedef struct edge_slm_device {
