@@ -3,11 +3,14 @@
 numpy and the standard library only (webrtcvad optionally, when installed); never imports TensorFlow,
 converters or devices.
 
-EnergyVAD: each frame's energy (DC removed) in dBFS is compared with the noise floor, the minimum of the
-frame energies over the last floor_window_s (minimum statistics: speech has pauses, noise does not, so
-the minimum follows the noise and not the speech). A frame is loud when it is threshold_db above the
-floor and above min_energy_db (so dither in digital silence is never speech). Speech starts after
-min_speech_ms of loud frames and lasts until hangover_ms after the last loud frame.
+EnergyVAD: each frame's energy in the speech band (150-6000 Hz, so rumble, hum and DC do not count) in
+dBFS is compared with the noise floor, the minimum of the frame energies over the last floor_window_s
+(minimum statistics: speech has pauses, noise does not, so the minimum follows the noise and not the
+speech). A frame is loud when it is threshold_db above the floor and above min_energy_db (so dither in
+digital silence is never speech). Speech starts after min_speech_ms of loud frames and lasts until
+hangover_ms after the last loud frame. Known limits: when the room gets louder in a step, the new noise
+counts as speech until it has filled the floor window (floor_window_s); speech that starts the stream
+is found only from its louder syllables on, since there is no floor yet; babble and music are "speech".
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ Segment = tuple[float, float]
 
 class VoiceDetector(Protocol):
     sample_rate: int
+    loud: bool  # the last frame given to is_speech() was loud on its own (before onset and hangover)
 
     def frame_length(self) -> int: ...
 
@@ -69,9 +73,9 @@ def _hann(n: int) -> np.ndarray:
     return w
 
 
-def _segments(vad: VoiceDetector, samples: np.ndarray, loud_of: Any) -> list[Segment]:
+def _segments(vad: VoiceDetector, samples: np.ndarray) -> list[Segment]:
     """Run vad over whole frames of samples; segments go from the first loud frame of an onset to the end
-    of the last loud frame before the hangover ran out. loud_of(vad) tells if the last frame was loud."""
+    of the last loud frame before the hangover ran out."""
     x = to_float(np.asarray(samples).reshape(-1))
     n = vad.frame_length()
     rate = float(vad.sample_rate)
@@ -83,7 +87,7 @@ def _segments(vad: VoiceDetector, samples: np.ndarray, loud_of: Any) -> list[Seg
     count = x.size // n
     for i in range(count):
         active = vad.is_speech(x[i * n:(i + 1) * n])
-        loud = loud_of(vad)
+        loud = vad.loud
         if loud and (i == 0 or last_loud != i - 1):
             run_start = i
         if loud:
@@ -156,7 +160,7 @@ class EnergyVAD:
 
     def segments(self, samples: np.ndarray) -> list[Segment]:
         """Speech (start_s, end_s) in a whole clip, from a fresh state (the streaming state is reset)."""
-        return _segments(self, samples, lambda v: v.loud)
+        return _segments(self, samples)
 
 
 class WebRtcVAD:
@@ -209,7 +213,7 @@ class WebRtcVAD:
         return self.active
 
     def segments(self, samples: np.ndarray) -> list[Segment]:
-        return _segments(self, samples, lambda v: v.loud)
+        return _segments(self, samples)
 
 
 def make_vad(kind: str = "energy", **kw: Any) -> EnergyVAD | WebRtcVAD:

@@ -142,5 +142,7 @@ def test_webrtc_kind_needs_the_package_or_works(utterances: list[np.ndarray]) ->
     vad = make_vad("webrtc", aggressiveness=2)
     x, truth = _scene(utterances[:1], _noise("white", 4 * RATE, -50.0, np.random.default_rng(5)), [1.0])
     found = vad.segments(x)
-    assert len(found) >= 1 and abs(found[0][0] - truth[0][0]) <= 0.2
+    # webrtcvad may flag its first ~80 ms while it adapts; the utterance must be one of the segments
+    assert any(abs(s - truth[0][0]) <= 0.2 and abs(e - truth[0][1]) <= 0.3 for s, e in found), (found, truth)
+    assert all(e <= 0.2 or s >= 0.8 for s, e in found)
 
