@@ -84,7 +84,10 @@ def prepare_data(recordings: Sequence[vibration.Recording], *, window: int = WIN
                  fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> SensorData:
     """Window, featurize and split by machine (train / val / test); normalization from train normals."""
     first = recordings[0]
-    base = SensorFeatures(first.sample_rate, window, tuple(first.channels), full_scale=first.machine.full_scale_g)
+    scales = tuple(first.machine.full_scale_g if c in vibration.ACCEL_CHANNELS else vibration.GYRO_FULL_SCALE
+                   for c in first.channels)
+    base = SensorFeatures(first.sample_rate, window, tuple(first.channels),
+                          full_scale=scales if len(set(scales)) > 1 else scales[0])
     raw, labels, machines, skipped = window_features(recordings, base, hop)
     groups = vibration.split_by_machine(recordings, fractions, seed)
     split = np.empty(len(raw), dtype="<U5")
@@ -299,7 +302,7 @@ def train_sensor_models(out: str | Path, *, machines: int = 30, normal_only: int
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="directory for the two packages")
+    p.add_argument("-o", "--out", required=True, help="directory for the two packages")
     p.add_argument("--machines", type=int, default=30, help="machines with fault recordings (split 60/20/20 by machine)")
     p.add_argument("--normal-only", type=int, default=60, help="more machines recorded in normal operation only")
     p.add_argument("--seconds", type=float, default=4.0, help="seconds of recording per machine and condition")

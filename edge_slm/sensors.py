@@ -42,7 +42,7 @@ class SensorWindower:
     """
 
     def __init__(self, window: int, hop: int, channels: Sequence[str], sample_rate: float | None = None, *,
-                 full_scale: float | None = None, gap_tolerance: float | None = None) -> None:
+                 full_scale: float | Sequence[float] | None = None, gap_tolerance: float | None = None) -> None:
         if int(window) < 1 or int(hop) < 1:
             raise ValueError(f"window and hop must be >= 1 sample, got window={window} hop={hop}")
         if not channels:
@@ -51,7 +51,9 @@ class SensorWindower:
         self.hop = int(hop)
         self.channels = tuple(channels)
         self.sample_rate = float(sample_rate) if sample_rate else None
-        self.full_scale = full_scale
+        # one full scale per channel (a 6-axis IMU: +-4 g accel, +-2000 deg/s gyro) or one for all
+        self.full_scale = None if full_scale is None else np.broadcast_to(
+            np.asarray(full_scale, np.float64), (len(self.channels),)).copy()
         self.gap_tolerance = gap_tolerance
         self.reset()
 
@@ -142,13 +144,14 @@ class SensorWindower:
                 f"{_fmt_t(t_start + rows[0] / rate)} and {_fmt_t(t_start + rows[-1] / rate)} "
                 f"(window {t_start:.4f}-{t_end:.4f} s); the window was not analysed: check the sensor link",
             )
-        if self.full_scale:
+        if self.full_scale is not None:
             clipped = (np.abs(samples) >= 0.9999 * self.full_scale).sum(axis=0)
             if clipped.max() >= 2:
-                detail = ", ".join(f"{c}: {int(n)}" for c, n in zip(self.channels, clipped) if n)
+                detail = ", ".join(f"{c}: {int(n)} at +-{fs:g}" for c, n, fs in zip(self.channels, clipped, self.full_scale)
+                                   if n)
                 return InputError(
                     "sensor_saturated",
-                    f"samples at the sensor's full scale (+-{self.full_scale:g}) in channel(s) {detail} "
+                    f"samples at the sensor's full scale in channel(s) {detail} "
                     f"(window {t_start:.4f}-{t_end:.4f} s); the window was not analysed: raise the sensor's "
                     "measurement range or check the mounting",
                 )
@@ -170,7 +173,7 @@ class SensorWindower:
 _FEATURE_KEYS: dict[str, type | tuple[type, ...]] = {
     "kind": str, "sample_rate": (int, float), "window": int, "channels": list, "bands": int, "f_min": (int, float),
     "envelope_bands": int, "envelope_f_max": (int, float), "envelope_highpass": (int, float),
-    "full_scale": (int, float, type(None)), "mean": (list, type(None)), "std": (list, type(None)),
+    "full_scale": (int, float, list, type(None)), "mean": (list, type(None)), "std": (list, type(None)),
 }
 _STATS = ("log_rms", "log_kurtosis", "log_crest")
 
@@ -195,7 +198,7 @@ class SensorFeatures:
     envelope_bands: int = 16
     envelope_f_max: float = 500.0
     envelope_highpass: float = 600.0
-    full_scale: float | None = None
+    full_scale: float | tuple[float, ...] | None = None  # one for all channels or one per channel
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -203,8 +206,13 @@ class SensorFeatures:
         object.__setattr__(self, "channels", tuple(self.channels))
         nyquist = self.sample_rate / 2
         numbers = (self.sample_rate, self.f_min, self.envelope_f_max, self.envelope_highpass)
-        if not all(math.isfinite(v) for v in numbers) or self.full_scale is not None and not (
-                math.isfinite(self.full_scale) and self.full_scale > 0):
+        if isinstance(self.full_scale, (list, tuple)):
+            object.__setattr__(self, "full_scale", tuple(self.full_scale))
+            if len(self.full_scale) != len(self.channels) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.full_scale):
+                raise ModelError(f"sensor features: full_scale needs one number per channel ({len(self.channels)})")
+        scales = () if self.full_scale is None else np.atleast_1d(np.asarray(self.full_scale, np.float64))
+        if not all(math.isfinite(v) for v in numbers) or not all(math.isfinite(v) and v > 0 for v in scales):
             raise ModelError("sensor features: sample_rate, f_min, envelope_f_max, envelope_highpass and full_scale "
                              "must be finite (and full_scale positive)")
         if self.window < 16 or self.sample_rate <= 0 or not self.channels or self.bands < 1 or self.envelope_bands < 1:
@@ -331,7 +339,7 @@ class SensorFeatures:
             "envelope_bands": self.envelope_bands,
             "envelope_f_max": self.envelope_f_max,
             "envelope_highpass": self.envelope_highpass,
-            "full_scale": self.full_scale,
+            "full_scale": list(self.full_scale) if isinstance(self.full_scale, tuple) else self.full_scale,
             "mean": None if self.mean is None else [round(v, 7) for v in self.mean],
             "std": None if self.std is None else [round(v, 7) for v in self.std],
         }

@@ -50,6 +50,7 @@ ACCEL_CHANNELS = ("ax", "ay", "az")
 GYRO_CHANNELS = ("gx", "gy", "gz")
 CONDITIONS = ("normal", "imbalance", "misalignment", "bearing_outer", "bearing_inner", "looseness")
 INT16_FULL = 32768
+GYRO_FULL_SCALE = 2000.0  # deg/s, the widest range of common MEMS gyros
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ def _add_artefacts(sig: np.ndarray, fs: float, rng: np.random.Generator, art: Ar
 def _adc(sig: np.ndarray, full_scale_g: float, gyro: bool) -> np.ndarray:
     """Digitise as a 16-bit ADC: quantise to counts and clip at full scale (accel; gyro at +-2000 deg/s)."""
     out = sig.copy()
-    for cols, fs in (((0, 1, 2), full_scale_g), ((3, 4, 5), 2000.0)):
+    for cols, fs in (((0, 1, 2), full_scale_g), ((3, 4, 5), GYRO_FULL_SCALE)):
         cols = [c for c in cols if c < sig.shape[1]]
         if not cols or (not gyro and cols[0] >= 3):
             continue
