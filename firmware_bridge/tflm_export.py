@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -606,11 +607,11 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export-mcu", help="export a package for TensorFlow Lite Micro: C array, op resolver, arena size",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-        description="Checks the package's model runs under TensorFlow Lite Micro (builtin ops TFLM has, int8 or "
+        description=textwrap.fill(width=100, text="Checks the package's model runs under TensorFlow Lite Micro (builtin ops TFLM has, int8 or "
         "float32, no hybrid ops, fixed shapes), then writes the model as an aligned C array, a header "
         "registering exactly its ops with MicroMutableOpResolver, and the arena size and input/output "
         "quantization (scale, zero point) as C macros and JSON. The arena size is an estimate: a greedy "
-        "plan of the activations like TFLM's, plus TFLM's runtime structs, plus --arena-margin.")
+        "plan of the activations like TFLM's, plus TFLM's runtime structs, plus --arena-margin."))
     p.add_argument("package", help="model package directory (or a .tflite file)")
     p.add_argument("-o", "--output", required=True, help="directory to write the C/C++ files into")
     p.add_argument("--name", help="C identifier prefix (default: the package name)")
