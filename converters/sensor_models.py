@@ -27,9 +27,11 @@ import numpy as np
 
 from converters.datasets import vibration
 from edge_slm import runtime
+from edge_slm.errors import ConversionError
 from edge_slm.package import ModelPackage, write_package
 from edge_slm.sensor_tasks import error_to_score, reconstruction_error
 from edge_slm.sensors import SensorFeatures, SensorWindower
+from edge_slm.streams import SensorBlock
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ def window_features(recordings: Sequence[vibration.Recording], features: SensorF
                     hop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Raw features of every window the device would analyse; windows it would refuse are skipped."""
     xs, ys, ms, skipped = [], [], [], 0
-    from edge_slm.streams import SensorBlock
-
     for r in recordings:
         w = SensorWindower(features.window, hop, features.channels, features.sample_rate, full_scale=features.full_scale)
         items = w.feed(SensorBlock(r.samples, r.sample_rate, r.channels, t0=r.t0))
@@ -176,7 +176,8 @@ def _convert(keras_model: Any, work: Path, out: Path, calib: np.ndarray, ev: np.
     result = convert_model(path, out, calib=work / f"{name}-calib.npz", eval_data=work / f"{name}-eval.npz",
                            quantize=quantize, task=task, name=name, labels=labels, preprocessing=preprocessing,
                            min_agreement=min_agreement, min_cosine=min_cosine, progress=False, say=say)
-    assert result.package is not None
+    if result.package is None:  # convert_model raises GateError instead; this guards a future change
+        raise ConversionError(f"{name}: conversion wrote no package ({result.reason})")
     return result.package
 
 
