@@ -49,6 +49,8 @@ class SerialLink:
 
     Frames of known types go to on_frame if given, else onto a queue read with get(). A read or
     write failure closes the port; the reader reopens it with exponential backoff plus jitter.
+    With wait_for_device=True a port that cannot be opened yet is retried the same way instead of
+    raising ConfigError (a malformed URL still raises).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class SerialLink:
         reopen_min_s: float = 0.2,
         reopen_max_s: float = 5.0,
         queue_size: int = 4096,
+        wait_for_device: bool = False,
     ) -> None:
         if reopen_min_s <= 0 or reopen_max_s < reopen_min_s:
             raise ConfigError(
@@ -90,7 +93,11 @@ class SerialLink:
         except ValueError as exc:  # pyserial's answer to an unknown URL scheme or bad baudrate
             raise ConfigError(f"invalid serial port {url!r} or baudrate {baudrate}: {exc}") from exc
         except (serial.SerialException, OSError) as exc:
-            raise _open_error(url, exc) from exc
+            if not wait_for_device:
+                raise _open_error(url, exc) from exc
+            # not plugged in yet: the reader thread keeps trying with backoff, send() raises meanwhile
+            log.warning("%s; waiting for it to appear", _open_error(url, exc))
+            self._port = None
         self._thread = threading.Thread(target=self._run, name=f"SerialLink({url})", daemon=True)
         self._thread.start()
 

@@ -35,7 +35,7 @@ from firmware_bridge.protocol import (
     unpack_sensor_samples,
 )
 
-__all__ = ["Ack", "FrameLink", "McuSession", "link_from_url"]
+__all__ = ["Ack", "Counters", "FrameLink", "McuSession", "link_from_url"]
 
 log = logging.getLogger(__name__)
 device_log = logging.getLogger("firmware_bridge.device")
@@ -78,8 +78,18 @@ class Ack:
         return self.status == AckStatus.OK
 
 
+class Counters(dict):
+    """A plain dict of counters that can also be called, like SerialLink.counters()."""
+
+    def __call__(self) -> Counters:
+        return self
+
+
 def link_from_url(url: str, **link_kwargs: Any) -> SerialLink:
-    """SerialLink from `serial:///dev/ttyUSB0?baud=921600`, `socket://host:port`, `loop://` or a path."""
+    """SerialLink from `serial:///dev/ttyUSB0?baud=921600`, `socket://host:port`, `loop://` or a path.
+
+    link_kwargs go to SerialLink (e.g. wait_for_device=True, reopen_max_s=2.0).
+    """
     parsed = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qs(parsed.query)
     unknown = set(query) - {"baud"}
@@ -154,10 +164,16 @@ class McuSession:
         url: str,
         on_block: Callable[[AudioBlock | SensorBlock], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        wait_for_device: bool = True,
         **session_kwargs: Any,
     ) -> McuSession:
-        """Open a SerialLink from a URL (see link_from_url); stop() closes it."""
-        return cls(link_from_url(url), on_block=on_block, on_event=on_event, owns_link=True, **session_kwargs)
+        """Open a SerialLink from a URL (see link_from_url); stop() closes it.
+
+        With wait_for_device (default) a device that is not plugged in yet is waited for: start()
+        then raises after its timeout but the session keeps trying until stop().
+        """
+        link = link_from_url(url, wait_for_device=wait_for_device)
+        return cls(link, on_block=on_block, on_event=on_event, owns_link=True, **session_kwargs)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -175,8 +191,9 @@ class McuSession:
             while self.capabilities is None or self._need_new_stream:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    port = "" if self.link.counters().get("open", True) else " (the port is not open yet)"
                     raise FrameError(
-                        f"no hello from the device within {timeout:.1f} s: check the port, the baud rate "
+                        f"no hello from the device within {timeout:.1f} s{port}: check the port, the baud rate "
                         "and that the firmware speaks the edge-slm protocol"
                     )
                 self._cond.wait(min(left, 0.1))
@@ -251,9 +268,12 @@ class McuSession:
         return self._alive and time.monotonic() - self._last_rx <= self.stale_after_s
 
     @property
-    def counters(self) -> dict[str, int | bool]:
-        """Session counters, the device's last heartbeat (device_*) and the link's (link_*)."""
-        out: dict[str, int | bool] = dict(self._counters)
+    def counters(self) -> Counters:
+        """Session counters, the device's last heartbeat (device_*) and the link's (link_*).
+
+        A fresh dict each time; `session.counters()` works too.
+        """
+        out = Counters(self._counters)
         out.update({f"device_{k}": v for k, v in self.last_heartbeat.items()})
         out.update({f"link_{k}": v for k, v in self.link.counters().items()})
         out["alive"] = self.alive

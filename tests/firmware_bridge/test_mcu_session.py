@@ -269,3 +269,15 @@ def test_start_times_out_with_advice_when_nothing_answers(session_for) -> None:
         session.start(timeout=0.6)
     with pytest.raises(FrameError, match="no ack for command 'ping'"):
         session.command("ping", timeout=0.1, retries=1)
+
+
+def test_session_waits_for_a_device_plugged_in_later(virtual_mcu, session_for, tmp_path) -> None:
+    link = tmp_path / "ttyLATER"
+    session, rec = session_for(f"serial://{link}?baud=115200")  # nothing there yet: no error
+    with pytest.raises(FrameError, match="the port is not open yet"):
+        session.start(timeout=0.5)
+    assert session.counters()["link_open"] is False  # counters works as a call too
+    virtual_mcu("--autostart", "--speed", "2", link=link)
+    hello = session.wait_hello(timeout=30)
+    assert hello.device_name == "virtual-mcu" and session.stream
+    wait_for(lambda: len(rec.sensor(session.stream)) >= 3, what="blocks from the late device")
