@@ -124,6 +124,8 @@ class McuSession:
         hello_retry_s: float = 0.5,
         owns_link: bool = False,
     ) -> None:
+        if stale_after_s <= 0 or hello_retry_s <= 0:
+            raise ConfigError(f"stale_after_s={stale_after_s} and hello_retry_s={hello_retry_s} must be positive seconds")
         self.link = link
         self.on_block = on_block
         self.on_event = on_event
