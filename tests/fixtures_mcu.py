@@ -114,10 +114,12 @@ class VirtualMcu:
         self.proc.send_signal(sig)
 
     def kill(self) -> None:
-        """Unplug without warning: SIGKILL, the pty vanishes (the link is left dangling)."""
+        """Unplug without warning: SIGKILL, the pty vanishes, and so does its device node (as udev
+        removes /dev/ttyACM0), so a reopen cannot land on some other program's recycled pty."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self.link.unlink(missing_ok=True)
 
     def stop(self) -> int:
         if self.proc is not None and self.proc.poll() is None:
