@@ -151,10 +151,57 @@ def bench_c(binary: Path, path: Path, n: int, stream_len: int) -> float:
     return float(seconds) / rounds
 
 
+def build_virtual_mcu(gcc: str, tmp: Path) -> Path:
+    c_dir = ROOT / "firmware_bridge" / "c"
+    out = tmp / "virtual_mcu"
+    subprocess.run([gcc, "-std=c99", "-O2", "-o", str(out), str(c_dir / "virtual_mcu.c"),
+                    str(c_dir / "edge_slm_device.c"), str(c_dir / "edge_slm_frame.c"), "-lm"],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+def bench_end_to_end(binary: Path, tmp: Path, stream: str, seconds: float) -> dict[str, Any]:
+    """The virtual MCU at full speed on a pty, read by SerialLink + McuSession: what a host really sustains."""
+    from firmware_bridge.mcu import McuSession
+
+    raw = tmp / "noise.raw"
+    raw.write_bytes(np.random.default_rng(1).normal(0, 3000, 16000).astype("<i2").tobytes())
+    link = tmp / f"tty_{stream}"
+    proc = subprocess.Popen([str(binary), "--pty", str(link), "--speed", "0", "--audio", str(raw), "--audio-loop",
+                             "--imu-block", "20", "--audio-block", "256", "--heartbeat-ms", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    while "ready" not in proc.stderr.readline():
+        pass
+    blocks = [0, 0]  # blocks, samples
+
+    def on_block(block: Any) -> None:
+        blocks[0] += 1
+        blocks[1] += len(block.samples)
+
+    session = McuSession.from_url(str(link), on_block=on_block)
+    try:
+        session.start(timeout=10)
+        session.command("start", {"stream": stream})
+        c0, t0 = session.counters, time.perf_counter()
+        time.sleep(seconds)
+        c1, t1 = session.counters, time.perf_counter()
+        session.command("stop", timeout=5)
+    finally:
+        session.stop()
+        proc.terminate()
+        proc.wait(timeout=10)
+    dt = t1 - t0
+    return {"frames_per_s": (c1["frames"] - c0["frames"]) / dt,
+            "mb_per_s": (c1["link_bytes_in"] - c0["link_bytes_in"]) / dt / 1e6,
+            "link_drops": c1["link_dropped"] - c0["link_dropped"], "lost_frames": c1["lost_frames"] - c0["lost_frames"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mbytes", type=float, default=4.0, help="size of each test stream in MB (4)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (3)")
+    ap.add_argument("--e2e-seconds", type=float, default=3.0, help="end-to-end measurement per stream (3)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = ap.parse_args()
 
@@ -180,6 +227,12 @@ def main() -> int:
                     else:
                         s = bench_python(stream, n, parse=impl.endswith("parse"))
                     times.setdefault((name, impl), []).append(s)
+        e2e = {}
+        if gcc:
+            vmcu = build_virtual_mcu(gcc, tmp)
+            for stream in ("imu", "mic"):
+                say(f"end to end: {stream}")
+                e2e[stream] = bench_end_to_end(vmcu, tmp, stream, args.e2e_seconds)
     mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
 
     rows = []
@@ -197,7 +250,7 @@ def main() -> int:
         baud_rows.append(row)
 
     if args.json:
-        print(json.dumps({"machine": mach, "throughput": rows, "headroom": baud_rows}, indent=1))
+        print(json.dumps({"machine": mach, "throughput": rows, "headroom": baud_rows, "end_to_end": e2e}, indent=1))
         return 0
     print(format_table(["machine", ""], [[k, v] for k, v in mach.items()]))
     print()
@@ -205,6 +258,14 @@ def main() -> int:
         ["payload", "implementation", "payload B", "wire B/frame", "frames/s", "MB/s"],
         [[r["payload"], r["impl"], r["payload_bytes"], r["wire_bytes"], f"{r['frames_per_s']:.0f}",
           f"{r['mb_per_s']:.2f}"] for r in rows]))
+    if e2e:
+        print()
+        print("End to end: virtual MCU at full speed -> pty -> SerialLink thread -> McuSession -> on_block")
+        print(format_table(
+            ["stream", "frames/s", "MB/s", "headroom at 2 Mbaud", "link queue drops", "lost frames"],
+            [[("imu 6ch x 20 (sensor)" if k == "imu" else "pcm16 x 256 (audio)"), f"{v['frames_per_s']:.0f}",
+              f"{v['mb_per_s']:.2f}", f"{v['mb_per_s'] * 1e6 / 200_000:.0f}x", v["link_drops"], v["lost_frames"]]
+             for k, v in e2e.items()]))
     print()
     print("Headroom = decoder bytes/s / line bytes/s (baud/10); below 1 the host cannot keep up with a saturated line.")
     for name in loads:
