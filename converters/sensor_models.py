@@ -86,8 +86,9 @@ def prepare_data(recordings: Sequence[vibration.Recording], *, window: int = WIN
     first = recordings[0]
     scales = tuple(first.machine.full_scale_g if c in vibration.ACCEL_CHANNELS else vibration.GYRO_FULL_SCALE
                    for c in first.channels)
+    units = tuple("g" if c in vibration.ACCEL_CHANNELS else "deg/s" for c in first.channels)
     base = SensorFeatures(first.sample_rate, window, tuple(first.channels),
-                          full_scale=scales if len(set(scales)) > 1 else scales[0])
+                          full_scale=scales if len(set(scales)) > 1 else scales[0], units=units)
     raw, labels, machines, skipped = window_features(recordings, base, hop)
     groups = vibration.split_by_machine(recordings, fractions, seed)
     split = np.empty(len(raw), dtype="<U5")

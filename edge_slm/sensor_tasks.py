@@ -61,7 +61,7 @@ class _SensorStream:
         self.channels = self.features.channels
         self.window = self.features.window
         self.windower = SensorWindower(self.window, hop, self.channels, self.sample_rate,
-                                       full_scale=self.features.full_scale)
+                                       full_scale=self.features.full_scale, units=self.features.units)
         self._stream: str | None = None
         self.invocations = 0  # model runs so far: errors never reach the model
 
@@ -96,7 +96,8 @@ class _SensorStream:
         if arr.ndim != 2 or arr.shape != (self.window, n_ch):
             raise InputError("bad_window", f"{self.task_name} needs one window of {self.window} samples x {n_ch} "
                                            f"channels ({', '.join(self.channels)}), got shape {list(arr.shape)}")
-        one = SensorWindower(self.window, self.window, self.channels, self.sample_rate, full_scale=self.features.full_scale)
+        one = SensorWindower(self.window, self.window, self.channels, self.sample_rate,
+                             full_scale=self.features.full_scale, units=self.features.units)
         items = one.feed(SensorBlock(arr, sample_rate, self.channels))
         if isinstance(items[0], InputError):
             raise items[0]

@@ -42,7 +42,8 @@ class SensorWindower:
     """
 
     def __init__(self, window: int, hop: int, channels: Sequence[str], sample_rate: float | None = None, *,
-                 full_scale: float | Sequence[float] | None = None, gap_tolerance: float | None = None) -> None:
+                 full_scale: float | Sequence[float] | None = None, gap_tolerance: float | None = None,
+                 units: Sequence[str] | None = None) -> None:
         if int(window) < 1 or int(hop) < 1:
             raise ValueError(f"window and hop must be >= 1 sample, got window={window} hop={hop}")
         if not channels:
@@ -55,6 +56,9 @@ class SensorWindower:
         self.full_scale = None if full_scale is None else np.broadcast_to(
             np.asarray(full_scale, np.float64), (len(self.channels),)).copy()
         self.gap_tolerance = gap_tolerance
+        self.units = tuple(units) if units else None
+        self._si_factors = None if self.units is None else np.array(
+            [SI_TO_UNIT.get(u, np.nan) for u in self.units], np.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -77,7 +81,14 @@ class SensorWindower:
                 f"(missing {', '.join(missing)}); name the block's channels as the model's manifest does",
             )
         idx = [names.index(c) for c in self.channels]
-        return block.samples[:, idx] if idx != list(range(len(names))) else block.samples
+        data = block.samples[:, idx] if idx != list(range(len(names))) else block.samples
+        if getattr(block, "units", "") == "si" and self._si_factors is not None:
+            if np.isnan(self._si_factors).any():
+                odd = [f"{c} ({u})" for c, u in zip(self.channels, self.units) if u not in SI_TO_UNIT]
+                raise InputError("unit_mismatch", f"the sensor sends SI units but the model's channels {', '.join(odd)} "
+                                                  f"are in units this agent cannot convert to (known: {', '.join(SI_TO_UNIT)})")
+            data = data * self._si_factors
+        return data
 
     def feed(self, block: SensorBlock) -> list[Window | InputError]:
         """Buffer BLOCK and return every window (or per-window error) it completes, in time order."""
@@ -170,7 +181,11 @@ class SensorWindower:
         return out
 
 
+# SI value * factor = value in the model's unit (what the serial bridge sends -> what a model was trained on)
+SI_TO_UNIT = {"m/s^2": 1.0, "rad/s": 1.0, "g": 1.0 / 9.80665, "deg/s": 180.0 / math.pi, "1": 1.0}
+
 _FEATURE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "units": (list, type(None)),
     "kind": str, "sample_rate": (int, float), "window": int, "channels": list, "bands": int, "f_min": (int, float),
     "envelope_bands": int, "envelope_f_max": (int, float), "envelope_highpass": (int, float),
     "full_scale": (int, float, list, type(None)), "mean": (list, type(None)), "std": (list, type(None)),
@@ -201,9 +216,14 @@ class SensorFeatures:
     full_scale: float | tuple[float, ...] | None = None  # one for all channels or one per channel
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    units: tuple[str, ...] | None = None  # one per channel ("g", "deg/s", "m/s^2", ...); None: not declared
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
+        if self.units is not None:
+            object.__setattr__(self, "units", tuple(self.units))
+            if len(self.units) != len(self.channels) or not all(isinstance(u, str) and u for u in self.units):
+                raise ModelError(f"sensor features: units needs one unit name per channel ({len(self.channels)})")
         nyquist = self.sample_rate / 2
         numbers = (self.sample_rate, self.f_min, self.envelope_f_max, self.envelope_highpass)
         if isinstance(self.full_scale, (list, tuple)):
@@ -334,6 +354,7 @@ class SensorFeatures:
             "sample_rate": self.sample_rate,
             "window": self.window,
             "channels": list(self.channels),
+            "units": list(self.units) if self.units is not None else None,
             "bands": self.bands,
             "f_min": self.f_min,
             "envelope_bands": self.envelope_bands,

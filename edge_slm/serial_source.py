@@ -21,11 +21,11 @@ from edge_slm.streams import AudioBlock, SensorBlock
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("baud", "hello_timeout_s")
+OPTIONS = ("baud", "hello_timeout_s", "start")
 
 
-def split_spec(spec: str) -> tuple[str, float]:
-    """serial://... -> (the URL firmware_bridge opens, hello timeout); unknown options name themselves."""
+def split_spec(spec: str) -> tuple[str, float, bool]:
+    """serial://... -> (the URL firmware_bridge opens, hello timeout, send start?); unknown options are named."""
     rest = spec.removeprefix("serial://")
     target, _, query = rest.partition("?")
     options = dict(parse_qsl(query, keep_blank_values=True))
@@ -36,29 +36,37 @@ def split_spec(spec: str) -> tuple[str, float]:
         hello_timeout = float(options.pop("hello_timeout_s", "5"))
     except ValueError as exc:
         raise ConfigError(f"source {spec!r}: hello_timeout_s must be a number of seconds") from exc
+    start = options.pop("start", "1").lower()
+    if start not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"source {spec!r}: start must be 1 (ask the device to stream) or 0 (it streams by itself)")
+    send_start = start in ("1", "true", "yes")
     if not target:
         raise ConfigError(f"source {spec!r} names no port; write serial:///dev/ttyUSB0?baud=921600")
     if "://" in target:  # a pyserial URL: socket://, rfc2217://, loop://
         if "baud" in options:
             raise ConfigError(f"source {spec!r}: baud only applies to a local port")
-        return target, hello_timeout
-    return "serial://" + target + ("?" + urlencode(options) if options else ""), hello_timeout
+        return target, hello_timeout, send_start
+    return "serial://" + target + ("?" + urlencode(options) if options else ""), hello_timeout, send_start
 
 
 class SerialSource:
     """Blocks of the kind the pipeline's task takes (audio or sensor) from an McuSession.
 
-    The device may be unplugged at start or later: the link keeps reopening, and a new hello
-    starts a new stream (the task resets). Lost frames arrive as NaN samples, which sensor tasks
-    report as missing; a device that stops talking is logged as stale.
+    After every hello (boot, replug) the source sends `start` for the device's streams of that kind
+    (start=0 in the spec: the firmware streams by itself). The device may be unplugged at start or
+    later: the link keeps reopening, and a new hello starts a new stream (the task resets). Lost
+    frames arrive as NaN samples, which sensor tasks report as missing; a device that stops talking
+    is logged as stale.
     """
 
     finite = False
 
     def __init__(self, spec: str, kind: str | None = None) -> None:
         self.spec = spec
-        self.url, self.hello_timeout = split_spec(spec)
+        self.url, self.hello_timeout, self.send_start = split_spec(spec)
         self.kind = kind
+        self._hellos = threading.Event()
+        self._stop = threading.Event()
         self.session: Any = None
         self.dropped_other_kind = 0
         self._deliver: Deliver | None = None
@@ -77,9 +85,29 @@ class SerialSource:
     def _handshake(self) -> None:
         try:
             hello = self.session.start(timeout=self.hello_timeout)
-            log.info("serial %s: %s", self.url, hello)
+            log.info("serial %s: %s %s", self.url, hello.device_name, hello.firmware_version)
         except EdgeSlmError as exc:  # not there yet: the session keeps asking while the link reopens
             log.warning("serial %s: %s; still waiting for the device", self.url, exc)
+        # commands cannot be sent from the session's own callbacks: this thread answers each hello
+        while not self._stop.is_set():
+            if self._hellos.wait(0.2):
+                self._hellos.clear()
+                self._start_streams()
+
+    def _start_streams(self) -> None:
+        if not self.send_start or self.session.capabilities is None:
+            return
+        from firmware_bridge.protocol import StreamKind
+
+        wanted = {None: None, "audio": StreamKind.AUDIO, "sensor": StreamKind.SENSOR}[self.kind]
+        for stream in self.session.capabilities.streams:
+            if wanted is not None and stream.kind != wanted:
+                continue
+            try:
+                self.session.command("start", {"stream": stream.name}, timeout=1.0, retries=3)
+                log.info("serial %s: started stream %s", self.url, stream.name)
+            except EdgeSlmError as exc:
+                log.warning("serial %s: could not start stream %s: %s", self.url, stream.name, exc)
 
     def _on_block(self, block: AudioBlock | SensorBlock) -> None:
         kind = "audio" if isinstance(block, AudioBlock) else "sensor"
@@ -91,6 +119,8 @@ class SerialSource:
         self._deliver(RawInput(b"", f"serial:{self.url}", input_id=f"{block.stream}@{t0:.3f}", data=block))
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "hello":
+            self._hellos.set()
         if kind in ("stale", "reconnect", "gap"):
             log.warning("serial %s: %s %s", self.url, kind, data)
 
@@ -98,6 +128,7 @@ class SerialSource:
         return self.session.counters() if self.session is not None else {}
 
     def stop(self) -> None:
+        self._stop.set()
         if self.session is not None:
             self.session.stop()
 

@@ -42,6 +42,7 @@ class SensorBlock:
     channels: Sequence[str] = field(default_factory=tuple)
     t0: float | None = None
     stream: str = ""
+    units: str = ""  # "": already in the model's units; "si": SI units (m/s^2, rad/s), as the serial bridge sends
 
     def __post_init__(self) -> None:
         a = np.asarray(self.samples, dtype=np.float32)

@@ -436,7 +436,7 @@ class McuSession:
             return
         self._counters["sensor_blocks"] += 1
         self._counters["sensor_samples"] += n
-        self._deliver(SensorBlock(values, rate, channels=names, t0=t_us / 1e6, stream=self.stream))
+        self._deliver(SensorBlock(values, rate, channels=names, t0=t_us / 1e6, stream=self.stream, units="si"))
 
     def _on_audio(self, frame: Frame) -> None:
         chunk = unpack_audio_chunk(frame.payload)

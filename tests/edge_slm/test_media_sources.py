@@ -117,5 +117,5 @@ def test_serial_source_errors_name_the_option(spec, match):
 def test_serial_spec_maps_to_the_bridge_url():
     from edge_slm.serial_source import split_spec
 
-    assert split_spec("serial:///dev/ttyACM0?baud=921600") == ("serial:///dev/ttyACM0?baud=921600", 5.0)
-    assert split_spec("serial://socket://10.0.0.5:7000?hello_timeout_s=2") == ("socket://10.0.0.5:7000", 2.0)
+    assert split_spec("serial:///dev/ttyACM0?baud=921600") == ("serial:///dev/ttyACM0?baud=921600", 5.0, True)
+    assert split_spec("serial://socket://10.0.0.5:7000?hello_timeout_s=2&start=0") == ("socket://10.0.0.5:7000", 2.0, False)

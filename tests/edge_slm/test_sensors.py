@@ -286,3 +286,21 @@ def test_tasks_refuse_a_package_whose_features_do_not_fit_the_model(anomaly_pack
     bad = write_package(tmp_path / "bad3", pkg.model_path.read_bytes(), manifest)
     with pytest.raises(ModelError, match="threshold"):
         SensorAnomalyDetector(bad, runtime.load(bad.model_path))
+
+
+def test_si_blocks_from_the_serial_bridge_are_converted_to_the_model_units():
+    from edge_slm.sensors import SensorWindower
+    from edge_slm.streams import SensorBlock
+
+    rng = np.random.default_rng(3)
+    g = rng.normal(0, 1, (64, 2)).astype(np.float32)
+    w = SensorWindower(64, 64, ("ax", "gx"), 100.0, units=("g", "deg/s"))
+    si = np.stack([g[:, 0] * 9.80665, np.radians(g[:, 1])], axis=1)
+    [win] = w.feed(SensorBlock(si, 100.0, ("ax", "gx"), units="si"))
+    np.testing.assert_allclose(win.samples, g, rtol=1e-5, atol=1e-5)
+    w.reset()
+    [same] = w.feed(SensorBlock(g, 100.0, ("ax", "gx")))  # no units: already the model's
+    np.testing.assert_array_equal(same.samples, g)
+    odd = SensorWindower(64, 64, ("t",), 100.0, units=("degC",))
+    [err] = odd.feed(SensorBlock(np.zeros((64, 1)), 100.0, ("t",), units="si"))
+    assert err.code == "unit_mismatch" and "degC" in str(err)
