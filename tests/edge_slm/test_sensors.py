@@ -276,7 +276,7 @@ def test_tasks_refuse_a_package_whose_features_do_not_fit_the_model(anomaly_pack
     bad = write_package(tmp_path / "bad", pkg.model_path.read_bytes(), manifest)
     with pytest.raises(ModelError, match="mean/std"):
         SensorAnomalyDetector(bad, runtime.load(bad.model_path))
-    prep["features"] = dict(pkg.manifest["preprocessing"]["features"]) | {"channels": ["ax", "ay"]}
+    prep["features"] = dict(pkg.manifest["preprocessing"]["features"]) | {"channels": ["ax", "ay"], "units": ["g", "g"]}
     prep["features"]["mean"] = prep["features"]["mean"][:102]
     prep["features"]["std"] = prep["features"]["std"][:102]
     bad = write_package(tmp_path / "bad2", pkg.model_path.read_bytes(), manifest)
