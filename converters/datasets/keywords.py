@@ -399,7 +399,7 @@ def make_keyword_dataset(
     languages: Sequence[str] = LANGUAGES,
     train_per_command: int = 120,
     test_per_command: int = 30,
-    unknown_share: float = 0.25,
+    unknown_share: float = 0.5,
     silence_share: float = 0.12,
     noises: Sequence[str] = NOISES,
     snrs_db: Sequence[float] = (20.0, 10.0, 5.0),
@@ -413,7 +413,7 @@ def make_keyword_dataset(
     progress: Progress | None = None,
 ) -> KeywordDataset:
     """Speak, mix and split the dataset. `unknown_share`/`silence_share` are clip counts relative to
-    all command clips (0.25 -> a quarter as many unknown clips as command clips in total).
+    all command clips (0.5 -> half as many unknown clips as command clips in total).
 
     The test split uses only `heldout_variants` voices; training never hears them. With
     `mixes_per_utterance` > 1 each espeak-ng rendition is mixed into that many clips (other noise, SNR,
