@@ -21,6 +21,25 @@ NON_COMMANDS = frozenset({"_unknown_", "_silence_", "_background_noise_", "unkno
 DEFAULT_STREAMING = {"stride_ms": 100.0, "smoothing_ms": 300.0, "threshold": 0.7, "refractory_ms": 1000.0}
 
 
+def _streaming_settings(package: ModelPackage, given: dict[str, float | None]) -> dict[str, float]:
+    """Manifest preprocessing.streaming over the defaults, then the caller's overrides; each checked."""
+    from_manifest = package.preprocessing.get("streaming") or {}
+    if not isinstance(from_manifest, dict):
+        raise ModelError(f"{package.path}: manifest preprocessing.streaming must be an object")
+    out: dict[str, float] = {}
+    for key, default in DEFAULT_STREAMING.items():
+        where = "argument" if given.get(key) is not None else "manifest preprocessing.streaming"
+        value = given[key] if given.get(key) is not None else from_manifest.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ModelError(f"{package.path}: {where} {key} must be a number, got {value!r}")
+        low_ok = value > 0 if key == "stride_ms" else value >= 0
+        if not low_ok or (key == "threshold" and value > 1):
+            want = "in [0, 1]" if key == "threshold" else ("> 0" if key == "stride_ms" else ">= 0")
+            raise ModelError(f"{package.path}: {where} {key} must be {want}, got {value!r}")
+        out[key] = float(value)
+    return out
+
+
 class KeywordSpotter:
     """keyword-spotting: a StreamTask over AudioBlocks, and one-shot classify() for a clip.
 
@@ -59,10 +78,8 @@ class KeywordSpotter:
         if len(self.labels) != n_out:
             raise ModelError(f"{package.path}: {len(self.labels)} labels for {n_out} model outputs")
         self.command_ids = np.array([i for i, lab in enumerate(self.labels) if lab not in NON_COMMANDS], dtype=int)
-        stream = {**DEFAULT_STREAMING, **dict(prep.get("streaming") or {})}
-        given = {"threshold": threshold, "smoothing_ms": smoothing_ms, "refractory_ms": refractory_ms,
-                 "stride_ms": stride_ms}
-        stream.update({k: v for k, v in given.items() if v is not None})
+        stream = _streaming_settings(package, {"threshold": threshold, "smoothing_ms": smoothing_ms,
+                                               "refractory_ms": refractory_ms, "stride_ms": stride_ms})
         self.threshold = float(stream["threshold"])
         hop_ms = 1000.0 * self.front_end.hop_length() / self.sample_rate
         self.stride_frames = max(1, int(round(float(stream["stride_ms"]) / hop_ms)))

@@ -74,7 +74,7 @@ def test_same_detections_for_10ms_100ms_and_1s_blocks(kws_package, recording, de
 
 def test_44k1_and_8k_recordings_are_resampled_and_still_work(kws_package, recording, tmp_path) -> None:  # noqa: ANN001
     task = spotter(kws_package)
-    for rate, recall in ((44100, MIN_RECALL), (8000, 0.7)):
+    for rate, recall in ((44100, MIN_RECALL), (8000, MIN_RECALL)):
         path = tmp_path / f"rec_{rate}.wav"
         write_wav(path, resample(recording, 16000, rate), rate)
         native = read_wav(path)
@@ -87,19 +87,20 @@ def test_44k1_and_8k_recordings_are_resampled_and_still_work(kws_package, record
         assert stream(task, native.samples, rate, 37) == found
 
 
+def repeats(found: list[dict], within_s: float = 1.0) -> int:
+    """Reports of the same keyword less than within_s after the previous report."""
+    return sum(1 for a, b in zip(found, found[1:]) if a["keyword"] == b["keyword"] and b["t"] - a["t"] < within_s)
+
+
 def test_refractory_period_prevents_double_reports(kws_package, recording, detections_100ms) -> None:  # noqa: ANN001
     eager = stream(spotter(kws_package, refractory_ms=0, smoothing_ms=0), recording, 16000, 100)
-    s_eager = score_detections(eager, kws_package.events)
     # without a refractory period one spoken word fires on several consecutive strides
-    assert len(eager) > len(s_eager["matched"]) + len(s_eager["false_alarms"]) or len(eager) > 1.5 * len(detections_100ms)
+    assert repeats(eager) >= len(kws_package.commands)
+    assert repeats(detections_100ms) == 0
     for refractory_ms in (1000, 2500):
         found = stream(spotter(kws_package, refractory_ms=refractory_ms), recording, 16000, 100)
         times = [d["t"] for d in found]
-        assert all(b - a >= refractory_ms / 1000 - 1e-6 for a, b in zip(times, times[1:]))
-    s = score_detections(detections_100ms, kws_package.events)
-    duplicates = [d for d in s["false_alarms"]
-                  if any(e.label == d["keyword"] and abs(m["t"] - d["t"]) < 1.0 for e, m in s["matched"])]
-    assert not duplicates
+        assert times and all(b - a >= refractory_ms / 1000 - 1e-6 for a, b in zip(times, times[1:]))
 
 
 def test_unknown_and_silence_never_fire(kws_package, recording) -> None:  # noqa: ANN001
@@ -160,3 +161,6 @@ def test_rejects_wrong_inputs_and_packages(kws_package, text_model) -> None:  # 
     assert settings["smoothing_ms"] == pytest.approx(180.0) and settings["refractory_ms"] == 700.0
     defaults = spotter(kws_package).settings()
     assert defaults["threshold"] == ModelPackage.open(kws_package.package).preprocessing["streaming"]["threshold"]
+    for bad in ({"threshold": 1.5}, {"stride_ms": 0}, {"refractory_ms": -1}):
+        with pytest.raises(ModelError, match=next(iter(bad))):
+            spotter(kws_package, **bad)
