@@ -243,7 +243,7 @@ def build_keyword_package(
     the device runtime, plus their top-1 agreement.
     """
     from converters.convert import convert_model
-    from edge_slm.package import LABELS_FILE, ModelPackage, write_package
+    from edge_slm.package import LABELS_FILE, write_package
 
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="kws-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -276,9 +276,11 @@ def build_keyword_package(
     result = convert_model(keras_path, out_dir, calib=calib, eval_data=ev, quantize=quantize,
                            task="keyword-spotting", labels=list(dataset.labels), preprocessing=prep, name=name,
                            progress=progress, say=say)
-    assert result.package is not None and result.baseline is not None
+    if result.package is None or result.baseline is None:
+        raise ConversionError(f"conversion wrote no package: {result.reason}")
     heldout = heldout_accuracy(result.package.path, result.baseline.model_bytes, dataset.test)
     heldout["keras_float"] = round(trained.test_accuracy, 6)
+    heldout["quantized_recipe"] = result.chosen  # what the "int8" numbers were measured on
     say(f"held-out voices through the device runtime: float {heldout['float']:.3f}, {result.chosen} "
         f"{heldout['int8']:.3f}, agreement {heldout['int8_float_agreement']:.3f}")
     # Re-write the package with the device-path numbers in its manifest (write_package re-hashes it).
@@ -287,7 +289,6 @@ def build_keyword_package(
     model_bytes = result.package.model_path.read_bytes()
     pkg = write_package(out_dir, model_bytes, manifest,
                         {LABELS_FILE: ("\n".join(dataset.labels) + "\n").encode()})
-    ModelPackage.open(pkg.path)
     return KeywordPackageResult(pkg.path, list(dataset.labels), heldout, keras_path, calib, ev,
                                 result.baseline.model_bytes)
 
@@ -304,7 +305,9 @@ def add_cli(subparsers: argparse._SubParsersAction, command: str = "train-kws") 
     p.add_argument("--out", "-o", required=True, help="package directory to write")
     p.add_argument("--words", nargs="+", default=list(kw.COMMANDS), help="command words")
     p.add_argument("--workdir", help="keep the speech cache, model.keras and npz files here (default: a temp dir)")
-    p.add_argument("--per-command", type=int, default=200, help="training clips per command")
+    p.add_argument("--per-command", type=int, default=300, help="training clips per command")
+    p.add_argument("--mixes", type=int, default=2, help="clips mixed from each espeak-ng rendition (other noise, "
+                   "SNR, offset, level)")
     p.add_argument("--test-per-command", type=int, default=40, help="held-out-voice clips per command")
     p.add_argument("--snr", type=float, nargs="+", default=[20.0, 10.0, 5.0], help="SNRs (dB) of the mixed noise")
     p.add_argument("--epochs", type=int, default=24)
@@ -329,7 +332,8 @@ def cmd_train_kws(args: argparse.Namespace) -> int:
     result = build_keyword_package(
         args.out, work_dir=args.workdir, commands=args.words, epochs=args.epochs, width=args.width, seed=args.seed,
         quantize=args.quantize, streaming={"threshold": args.threshold}, say=say, progress=not args.json,
-        dataset_options={"train_per_command": args.per_command, "test_per_command": args.test_per_command,
+        dataset_options={"train_per_command": args.per_command, "mixes_per_utterance": args.mixes,
+                         "test_per_command": args.test_per_command,
                          "snrs_db": tuple(args.snr), "unknown_words": unknown})
     if args.json:
         print(json.dumps({"ok": True, "package": str(result.package), "labels": result.labels,
@@ -347,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m converters.kws", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     p = add_cli(sub)
+    p.prog = "python -m converters.kws"
     # `python -m converters.kws --out DIR` is the train-kws command itself.
     args = p.parse_args(argv)
     try:
