@@ -3,9 +3,9 @@
 numpy and the standard library only. Never imports TensorFlow, converters or devices.
 
 Accepted payloads (documented in the README, "Voice and sensor inputs"):
-- audio: a whole WAV file (starts with RIFF: classified as one clip); JSON
-  {"id", "stream", "sample_rate", "t0", "pcm16": BASE64} or {"samples": [floats]}; or raw PCM16
-  little-endian mono at the model's sample rate (a chunk of the topic's continuous stream).
+- audio: a whole WAV file (RIFF....WAVE: classified as one clip); JSON (UTF-8 text starting with '{')
+  {"id", "stream", "sample_rate", "t0", "pcm16": BASE64} or {"samples": [floats]}; anything else is
+  raw PCM16 little-endian mono at the model's sample rate (a chunk of the topic's continuous stream).
 - sensor: JSON {"id", "stream", "sample_rate", "channels", "t0", "samples": [[ch0, ch1, ...], ...]};
   null entries are missing samples.
 """
@@ -73,14 +73,15 @@ def decode_audio(raw: RawInput, max_bytes: int, sample_rate: int) -> tuple[Audio
     _check_size(raw, max_bytes)
     payload = raw.payload
     stream = raw.origin.split(":", 1)[-1]
-    if payload[:4] == b"RIFF":
+    if payload[:4] == b"RIFF" and payload[8:12] == b"WAVE":
         from edge_slm.wav import read_wav
 
         block = read_wav(payload)
         block.stream = f"{stream}#{raw.input_id}"
         return block, True
-    if payload.lstrip()[:1] == b"{":
-        obj = _json(raw, payload.decode("utf-8", errors="replace"))
+    text = _utf8_object(payload)
+    if text is not None:
+        obj = _json(raw, text)
         rate = _number(obj, "sample_rate", sample_rate)
         if rate is None or rate <= 0 or rate != int(rate):
             raise InputError("bad_audio", f'"sample_rate" must be a positive integer, got {obj.get("sample_rate")!r}')
@@ -100,6 +101,16 @@ def decode_audio(raw: RawInput, max_bytes: int, sample_rate: int) -> tuple[Audio
             raise InputError("bad_request", 'audio JSON needs "pcm16" (base64) or "samples" (floats in [-1, 1])')
         return AudioBlock(samples, int(rate), t0=_number(obj, "t0", None), stream=_stream(obj, stream)), False
     return AudioBlock(_pcm16(payload), sample_rate, stream=stream), False
+
+
+def _utf8_object(payload: bytes) -> str | None:
+    """The payload as text when it looks like a JSON object; None for binary (raw PCM may start with '{')."""
+    if payload.lstrip()[:1] != b"{":
+        return None
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _pcm16(data: bytes) -> np.ndarray:

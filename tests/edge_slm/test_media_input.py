@@ -35,6 +35,13 @@ def test_json_pcm16_carries_rate_stream_time_and_id():
     assert len(block.samples) == 10
 
 
+def test_raw_pcm_that_starts_like_json_or_riff_is_still_audio():
+    for head in (b"{\xff", b"RIFF"):
+        pcm = head + bytes(range(256)) * 4
+        block, whole = decode_audio(raw(pcm), 65536, 16000)
+        assert not whole and len(block.samples) == len(pcm) // 2
+
+
 def test_json_float_samples():
     block, _ = decode_audio(raw('{"samples": [0.0, 0.25, -0.5]}'), 65536, 16000)
     np.testing.assert_allclose(block.samples, [0.0, 0.25, -0.5])
