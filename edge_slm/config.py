@@ -78,6 +78,7 @@ class StreamConfig:
     refractory_ms: float = -1.0  # after a detection the same keyword is not reported again for this long
     stride_ms: float = -1.0  # how often the keyword model runs on the last clip
     hop: int = 0  # sensor windows start every hop samples
+    vad: str = ""  # keyword spotting: "energy" or "webrtc" skips the model in silence; "off"; "" the model's default
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ def _check(cfg: AgentConfig, where: str) -> None:
                 raise ConfigError(f"{where}: {key}.stream.{name} must be >= 0 (or -1 for the model's default)")
         if st.threshold > 1:
             raise ConfigError(f"{where}: {key}.stream.threshold is a probability: 0-1 (or -1 for the model's default)")
+        if st.vad not in ("", "off", "energy", "webrtc"):
+            raise ConfigError(f"{where}: {key}.stream.vad must be energy, webrtc or off, got {st.vad!r}")
         if st.hop < 0:
             raise ConfigError(f"{where}: {key}.stream.hop must be a number of samples >= 1 (or 0 for the model's default)")
         if not p.sinks:

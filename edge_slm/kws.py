@@ -15,6 +15,7 @@ from edge_slm.audio import FeatureStream, FrontEnd, Resampler, resample
 from edge_slm.errors import InputError, ModelError
 from edge_slm.package import ModelPackage
 from edge_slm.streams import AudioBlock, Block, StreamOutput
+from edge_slm.vad import make_vad
 
 # Classes that never produce a detection.
 NON_COMMANDS = frozenset({"_unknown_", "_silence_", "_background_noise_", "unknown", "silence", "background"})
@@ -51,7 +52,7 @@ class KeywordSpotter:
 
     def __init__(self, package: ModelPackage, model: runtime.Model, *, threshold: float | None = None,
                  smoothing_ms: float | None = None, refractory_ms: float | None = None,
-                 stride_ms: float | None = None) -> None:
+                 stride_ms: float | None = None, vad: str | None = None) -> None:
         self.package = package
         self.model = model
         prep = package.preprocessing
@@ -86,11 +87,19 @@ class KeywordSpotter:
         self.stride_ms = self.stride_frames * hop_ms
         self.smoothing = max(1, int(round(float(stream["smoothing_ms"]) / self.stride_ms)))
         self.refractory_s = float(stream["refractory_ms"]) / 1000.0
+        # vad: "energy" or "webrtc" skips the model while nobody speaks (what a battery device wants);
+        # None takes the manifest's streaming.vad, "" or "off" turns it off.
+        kind = vad if vad is not None else (package.preprocessing.get("streaming") or {}).get("vad", "")
+        if kind not in ("", "off", "energy", "webrtc"):
+            raise ModelError(f"{package.path}: vad must be energy, webrtc or off, got {kind!r}")
+        self.vad_kind = "" if kind == "off" else kind
+        self.windows_run = 0
+        self.windows_skipped = 0  # stride points where the VAD heard no speech in the clip: no model call
         self.reset()
 
     # --- settings as reported ------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "stride_ms": self.stride_ms,
+        return {"threshold": self.threshold, "stride_ms": self.stride_ms, "vad": self.vad_kind or "off",
                 "smoothing_ms": self.smoothing * self.stride_ms, "refractory_ms": 1000.0 * self.refractory_s,
                 "clip_s": self.clip_s, "sample_rate": self.sample_rate}
 
@@ -157,6 +166,10 @@ class KeywordSpotter:
         self._last_fire: float | None = None
         self._t_base = 0.0
         self._stream: str | None = None
+        self._vad = make_vad(self.vad_kind, sample_rate=self.sample_rate) if self.vad_kind else None
+        self._vad_buf = np.zeros(0, np.float32)
+        self._samples = 0  # model-rate samples consumed in this stream
+        self._last_speech = -(10**12)  # sample index at the end of the last speech frame
 
     def _window(self) -> np.ndarray:
         k = self._frames % self.clip_frames  # the oldest frame's slot once the ring is full
@@ -169,6 +182,7 @@ class KeywordSpotter:
 
     def _infer(self) -> list[StreamOutput]:
         self._last_run = self._frames
+        self.windows_run += 1
         self._recent.append(self._posteriors(self._window()))
         if len(self.command_ids) == 0:
             return []
@@ -183,13 +197,40 @@ class KeywordSpotter:
         return [{"keyword": self.labels[best], "score": round(score, 4), "t": round(t, 3),
                  "t_start": round(t_start, 3)}]
 
+    def _listen(self, x: np.ndarray) -> None:
+        """Feed the VAD whole frames; remember where speech was last heard."""
+        assert self._vad is not None
+        n = self._vad.frame_length()
+        buf = np.concatenate([self._vad_buf, x])
+        used = (len(buf) // n) * n
+        end = self._samples - len(self._vad_buf)
+        for i in range(0, used, n):
+            if self._vad.is_speech(buf[i:i + n]):
+                self._last_speech = end + i + n
+        self._vad_buf = buf[used:]
+
+    def _heard_speech(self) -> bool:
+        """Speech ended inside the last clip plus the smoothing span (or is still going on)."""
+        hop, win = self.front_end.hop_length(), self.front_end.window_length()
+        now = (self._frames - 1) * hop + win  # the end of the newest frame, in stream samples
+        span = self.clip_samples + self.smoothing * self.stride_frames * hop
+        return now - self._last_speech <= span
+
     def _consume(self, x: np.ndarray) -> list[StreamOutput]:
         """Model-rate samples in; their whole frames into the ring; a model call every stride frames."""
         outputs: list[StreamOutput] = []
+        self._samples += len(x)
+        if self._vad is not None:
+            self._listen(x)
         for f in self._features.push(x):
             self._ring[self._frames % self.clip_frames] = f
             self._frames += 1
             if self._frames >= self.clip_frames and (self._frames - self.clip_frames) % self.stride_frames == 0:
+                if self._vad is not None and not self._heard_speech():
+                    self.windows_skipped += 1
+                    self._last_run = self._frames
+                    self._recent.clear()  # silence: nothing to smooth with
+                    continue
                 outputs.extend(self._infer())
         return outputs
 

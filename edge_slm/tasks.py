@@ -122,7 +122,8 @@ def _build(package: ModelPackage, model: runtime.Model, options: PipelineConfig 
         if st is None:
             return KeywordSpotter(package, model)
         return KeywordSpotter(package, model, threshold=opt(st.threshold), smoothing_ms=opt(st.smoothing_ms),
-                              refractory_ms=opt(st.refractory_ms), stride_ms=opt(st.stride_ms))
+                              refractory_ms=opt(st.refractory_ms), stride_ms=opt(st.stride_ms),
+                              vad=st.vad or None)
     if task == "sensor-anomaly":
         from edge_slm.sensor_tasks import SensorAnomalyDetector
 

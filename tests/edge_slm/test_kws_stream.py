@@ -164,3 +164,23 @@ def test_rejects_wrong_inputs_and_packages(kws_package, text_model) -> None:  # 
     for bad in ({"threshold": 1.5}, {"stride_ms": 0}, {"refractory_ms": -1}):
         with pytest.raises(ModelError, match=next(iter(bad))):
             spotter(kws_package, **bad)
+
+
+def test_energy_vad_skips_the_model_in_quiet_stretches_and_keeps_the_commands(kws_package, recording) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(5)
+    quiet = (rng.normal(0, 1, 16000 * 10) * 10 ** (-55 / 20)).astype(np.float32)  # 10 s of room noise
+    audio = np.concatenate([quiet, recording, quiet])
+    plain, gated = spotter(kws_package), spotter(kws_package, vad="energy")
+    d_plain = stream(plain, audio, 16000, 100)
+    d_gated = stream(gated, audio, 16000, 100)
+    events = [type(e)(e.word, e.label, e.voice, e.t_start + 10, e.t_end + 10) for e in kws_package.events]
+    s_plain, s_gated = score_detections(d_plain, events), score_detections(d_gated, events)
+    assert s_gated["recall"] >= s_plain["recall"] - 0.05 and s_gated["recall"] >= MIN_RECALL
+    assert len(s_gated["false_alarms"]) <= len(s_plain["false_alarms"])
+    # at least the two quiet stretches (minus a clip each) went without a model call
+    stride_s = gated.stride_ms / 1000
+    assert gated.windows_skipped >= 2 * (10 - 2) / stride_s, (gated.windows_skipped, gated.windows_run)
+    assert plain.windows_skipped == 0 and gated.windows_run < plain.windows_run
+    assert gated.settings()["vad"] == "energy"
+    with pytest.raises(ModelError, match="vad"):
+        spotter(kws_package, vad="loud")
