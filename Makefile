@@ -22,8 +22,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 # mosquitto is the broker the tests trust; espeak-ng speaks the keyword-spotting data; sox makes reference
-# audio; gcc builds the virtual microcontroller. Installed when root, otherwise named with the command to run.
-SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients espeak-ng:espeak-ng sox:sox gcc:gcc g++:g++
+# audio; gcc builds the virtual microcontroller; sshd is the deploy tests' target. Installed when root, otherwise named with the command to run.
+SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_pub:mosquitto-clients espeak-ng:espeak-ng sox:sox gcc:gcc g++:g++ \
+	sshd:openssh-server ssh:openssh-client
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair#*:}; \
 	  if ! command -v $$tool >/dev/null 2>&1 && [ ! -x /usr/sbin/$$tool ]; then missing="$$missing $$pkg"; fi; done; \

@@ -227,6 +227,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels.txt, one label per line, in output order")
     p.add_argument("--name", help="package name (default: the model file name)")
     p.add_argument("--version", dest="pkg_version", default="1.0.0", help="package version")
+    p.add_argument("--target", help="device profile (edge-slm fit --list): only conversion flags and recipes its "
+                   "runtime can load, e.g. no FULLY_CONNECTED v12 for tflite-runtime 2.14")
     ck = p.add_argument_group("transformer checkpoints (config.json + model.safetensors + tokenizer.json)")
     ck.add_argument("--head", choices=["classification", "embedding", "causal-lm"],
                     help="default: classification if its weights exist, causal-lm for decoders, else embedding")
