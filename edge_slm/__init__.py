@@ -18,10 +18,12 @@ from edge_slm.errors import (
 )
 from edge_slm.package import ModelPackage
 from edge_slm.runtime import Model, load
+from edge_slm.streams import AudioBlock, SensorBlock, StreamEnd
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AudioBlock",
     "BrokerError",
     "ConfigError",
     "ConversionError",
@@ -32,6 +34,8 @@ __all__ = [
     "ModelError",
     "ModelPackage",
     "RuntimeNotFoundError",
+    "SensorBlock",
+    "StreamEnd",
     "UpdateError",
     "__version__",
     "load",
