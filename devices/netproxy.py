@@ -52,7 +52,6 @@ RTO_MIN_S = 0.2
 RTO_MAX_S = 120.0
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-READ_SIZE = 64 * 1024
 
 
 class _Side(asyncio.Protocol):
