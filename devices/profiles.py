@@ -188,7 +188,8 @@ def load_runtime_ops(runtime: str, version: str) -> RuntimeOps:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{path}: ops.{op} must be a positive integer (the highest version), got {v!r}")
         ops = dict(raw)
-    return RuntimeOps(str(data.get("name", runtime)), str(data.get("version", version)), str(data.get("basis", "")),
+    file_version = version if runtime == "tflite-micro" else str(data.get("version", version))
+    return RuntimeOps(str(data.get("name", runtime)), file_version, str(data.get("basis", "")),
                       str(data.get("method", "")), ops, dict(data.get("sources", {})))
 
 
