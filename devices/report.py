@@ -293,7 +293,7 @@ def build_report(scenario: dict, records: list[SimRecord], events: list[dict], t
         "series": series,
         "timeline": tl,
         "latency_histogram": _log_histogram(lat_all),
-        "plots": list(PLOTS),
+        "plots": list(PLOTS) + (["timeline"] if any(tl.values()) else []),
     }
     report = json.loads(json.dumps(report, default=_json_default, allow_nan=False))
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
@@ -572,15 +572,22 @@ def _plot_throughput(rep: dict) -> str:
     s = rep["series"]
     c = Chart("Throughput (results/s; shaded: injected faults)", (0, max(1, s["t"][-1] + 1)),
               (0, max(s["results_per_s"] + [1]) * 1.05), xlabel="seconds since start", ylabel="results/s")
-    _shade_faults(c, rep["fault_windows"])
     c.bars(s["t"], [t + 1 for t in s["t"]], s["results_per_s"], PALETTE[0], "results/s",
            titles=[f"{t}s: {n} results" for t, n in zip(s["t"], s["results_per_s"])])
-    for i, (name, pts) in enumerate(sorted(rep["timeline"].items())):
-        if name in ("results_per_s",) or not pts:
-            continue
-        peak = max(p[1] for p in pts)
-        if peak <= c.y1:  # only series on the same scale share this plot
-            c.line([p[0] for p in pts], [p[1] for p in pts], PALETTE[(i + 2) % len(PALETTE)], name)
+    _shade_faults(c, rep["fault_windows"])  # over the bars: they would hide it
+    return c.render()
+
+
+def _plot_timeline(rep: dict) -> str:
+    """The series the simulator sampled (connected devices, inflight, ...), on one shared axis."""
+    tl = {k: v for k, v in sorted(rep["timeline"].items()) if v}
+    peak = max((p[1] for pts in tl.values() for p in pts), default=1.0)
+    c = Chart("Simulator timeline (shaded: injected faults)", (0, max(1, rep["series"]["t"][-1] + 1)),
+              (min(0.0, min((p[1] for pts in tl.values() for p in pts), default=0.0)), peak * 1.05),
+              xlabel="seconds since start")
+    _shade_faults(c, rep["fault_windows"])
+    for i, (name, pts) in enumerate(tl.items()):
+        c.line([p[0] for p in pts], [p[1] for p in pts], PALETTE[i % len(PALETTE)], name)
     return c.render()
 
 
@@ -668,7 +675,8 @@ def render_html(report: dict) -> str:
         reasons += f"<li>… {len(v['reasons']) - 200} more (see report.json)</li>"
     scen = _e(json.dumps(report["scenario"], indent=1, sort_keys=True, default=str))
     plots = {"latency_over_time": _plot_latency_over_time, "latency_histogram": _plot_latency_histogram,
-             "throughput": _plot_throughput, "per_device": _plot_per_device, "events": _plot_events}
+             "throughput": _plot_throughput, "per_device": _plot_per_device, "events": _plot_events,
+             "timeline": _plot_timeline}
     svgs = "\n".join(f'<figure id="{_e(p)}">{plots[p](report)}</figure>' for p in report["plots"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(name)}: {verdict}</title>
