@@ -21,7 +21,7 @@ def attempts_table(attempts: list[Attempt], baseline: Attempt | None, chosen: st
     for a in ([baseline] if baseline and baseline not in attempts else []) + attempts:
         r = a.report
         if a.error:
-            verdict = "no: " + a.error.split(": ", 1)[-1][:60]
+            verdict = "no: " + a.error.split(": ", 1)[-1][:100]
         elif a is baseline and a.recipe == "float32" and chosen != "float32":
             verdict = "reference"
         else:
@@ -64,7 +64,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             args.model, args.output, calib=args.calib, eval_data=args.eval, quantize=args.quantize,
             min_agreement=args.min_agreement, min_cosine=args.min_cosine, task=args.task, name=args.name,
             version=args.pkg_version, tokenizer=args.tokenizer, labels=labels, progress=not args.quiet and not args.json,
-            say=say, **options,
+            say=say, target=getattr(args, "target", None), **options,
         )
     except GateError as exc:
         if args.json:

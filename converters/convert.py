@@ -134,15 +134,51 @@ def _tqdm_progress(enabled: bool) -> Callable[[int, str], Callable[[], None]] | 
 CLASSIFIER_TASKS = ("text-classification", "sensor-classification", "keyword-spotting")
 
 
+def target_problems(target: Any, recipe: str, model_bytes: bytes | None = None) -> list[str]:
+    """Why TARGET (a devices.profiles.DeviceProfile) cannot run RECIPE's model: recipes its runtime has no
+    kernels for (MCUs: full int8 or float32 only), then every op version its runtime cannot load."""
+    if target is None:
+        return []
+    if target.is_mcu and recipe not in ("int8", "float32"):
+        return [f"{target.runtime} on {target.name} runs full-int8 or float32 models only"]
+    if model_bytes is None:
+        return []
+    from firmware_bridge.tflite_flatbuffer import parse
+
+    model = parse(model_bytes)
+    problems = [f"needs {p}" for p in target.runtime_ops.problems(model.op_versions())]
+    if target.is_mcu:
+        from firmware_bridge.tflm_export import _problems
+
+        problems += [p for p in _problems(model) if not p.startswith("unsupported ops")]
+    return problems
+
+
+def per_channel_dense(target: Any) -> bool:
+    """False when the target's runtime cannot load per-channel dynamic-range FULLY_CONNECTED (v12)."""
+    if target is None:
+        return True
+    limit = target.runtime_ops.ops.get("FULLY_CONNECTED", None)
+    return limit is None or limit >= 12
+
+
 def _try(recipe: str, src: SourceModel, calib, ev, labels, reference, min_agreement, min_cosine, progress,  # noqa: ANN001
-         classifier: bool | None = None) -> Attempt:
+         classifier: bool | None = None, target: Any = None) -> Attempt:
     attempt = Attempt(recipe)
+    problems = target_problems(target, recipe)
+    if problems:
+        attempt.error = f"recipe {recipe} for {target.name}: {'; '.join(problems)}"
+        return attempt
     try:
-        attempt.model_bytes = _recipes.convert(src, recipe, calib, progress)
+        attempt.model_bytes = _recipes.convert(src, recipe, calib, progress, per_channel_dense=per_channel_dense(target))
     except ConversionError as exc:
         attempt.error = str(exc)
         return attempt
     attempt.size_bytes = len(attempt.model_bytes)
+    problems = target_problems(target, recipe, attempt.model_bytes)
+    if problems:
+        attempt.error = f"recipe {recipe} for {target.name}: {'; '.join(problems)}"
+        return attempt
     tick = progress(len(ev[0]), f"validating {recipe}") if progress else None
     try:
         outputs, attempt.latency_ms = run_tflite(attempt.model_bytes, ev, tick, src.input_names)
@@ -165,9 +201,16 @@ def search_recipes(
     progress: bool,
     say: Callable[[str], None],
     task: str | None = None,
+    target: Any = None,
 ) -> tuple[list[Attempt], Attempt, Attempt, str]:
-    """Convert with each wanted recipe and gate it; returns (attempts, float baseline, chosen, reason)."""
+    """Convert with each wanted recipe and gate it; returns (attempts, float baseline, chosen, reason).
+
+    TARGET (a devices.profiles.DeviceProfile) decides the converter flags, and recipes whose model its
+    runtime cannot load are reported as failed attempts; MCU targets try full int8 only under auto.
+    """
     wanted = AUTO_ORDER if quantize == "auto" else (quantize,)
+    if target is not None and target.is_mcu and quantize == "auto":
+        wanted = ("int8",)
     say(f"float reference on {len(ev[0])} eval examples")
     reference = src.predict(ev)
     bar = _tqdm_progress(progress)
@@ -175,12 +218,16 @@ def search_recipes(
     baseline = _try("float32", src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar, classifier)
     if baseline.error:
         raise ConversionError(f"the float model does not convert to TFLite: {baseline.error}")
+    if quantize == "float32" and target is not None:
+        problems = target_problems(target, "float32", baseline.model_bytes)
+        if problems:
+            baseline.error = f"recipe float32 for {target.name}: {'; '.join(problems)}"
     attempts = [baseline] if quantize == "float32" else []
     for recipe in wanted:
         if recipe == "float32":
             break
         say(f"trying {recipe}: {_recipes.DESCRIPTIONS[recipe]}")
-        a = _try(recipe, src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar, classifier)
+        a = _try(recipe, src, calib, ev, ev_labels, reference, min_agreement, min_cosine, bar, classifier, target)
         attempts.append(a)
         verdict = "passes" if a.passed else ("fails: " + (a.error or f"{a.gate['metric']} {a.gate['value']} < {a.gate['min']}"))
         say(f"  {recipe}: {a.size_bytes / 1024:.1f} KiB, {verdict}")
@@ -235,6 +282,7 @@ def build_manifest(
     labels: list[str] | None,
     preprocessing: dict[str, Any],
     eval_examples: int,
+    target: Any = None,
 ) -> dict[str, Any]:
     info = describe(chosen.model_bytes)
     probe = runtime.load(content=chosen.model_bytes)
@@ -266,7 +314,23 @@ def build_manifest(
             "tried": [a.to_json() for a in attempts],
         },
         "min_runtime": {"ops": info["ops"]},
+        **({"target": target_json(target)} if target is not None else {}),
     }
+
+
+def target_json(target: Any) -> dict[str, Any]:
+    """What the manifest records about the device profile a package was converted for."""
+    return {"name": target.name, "runtime": target.runtime, "runtime_version": target.runtime_version,
+            "per_channel_dense": per_channel_dense(target)}
+
+
+def load_target(target: str | None) -> Any:
+    """The DeviceProfile called TARGET, or None."""
+    if target is None:
+        return None
+    from devices.profiles import load_profile
+
+    return load_profile(target)
 
 
 def check_common(quantize: str, task: str | None, calib: object, tokenizer: object) -> None:
@@ -298,20 +362,24 @@ def convert_model(
     preprocessing: dict[str, Any] | None = None,
     progress: bool = True,
     say: Callable[[str], None] = lambda s: None,
+    target: str | None = None,
     **checkpoint_options: Any,
 ) -> ConversionResult:
     """Convert MODEL (.keras, SavedModel dir or transformer checkpoint dir) into a package at OUT.
 
-    Raises GateError (nothing written) when no recipe passes.
+    TARGET names a device profile (devices/profiles/NAME.toml): only recipes and op versions its runtime
+    loads are kept, and the manifest records it. Raises GateError (nothing written) when no recipe passes.
     """
     from converters.checkpoint.loader import is_checkpoint
+
+    profile = load_target(target)
 
     if is_checkpoint(Path(model)):
         from converters.convert_checkpoint import convert_checkpoint
 
         return convert_checkpoint(model, out, calib=calib, eval_data=eval_data, quantize=quantize,
                                   min_agreement=min_agreement, min_cosine=min_cosine, name=name, version=version,
-                                  progress=progress, say=say, **checkpoint_options)
+                                  progress=progress, say=say, target=target, **checkpoint_options)
     if checkpoint_options:
         raise ConversionError(f"{', '.join(checkpoint_options)} only apply to transformer checkpoints")
     check_common(quantize, task, calib, tokenizer)
@@ -329,7 +397,7 @@ def convert_model(
     if ev_labels is not None and labels and (ev_labels.min() < 0 or ev_labels.max() >= len(labels)):
         raise ConversionError(f"{eval_data}: labels outside 0..{len(labels) - 1}")
     attempts, baseline, chosen, reason = search_recipes(
-        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say, task)
+        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say, task, profile)
 
     extra: dict[str, bytes] = {}
     if tokenizer is not None:
@@ -341,6 +409,7 @@ def convert_model(
         prep.setdefault("max_length", int(src.input_specs[0][0][-1]))
     manifest = build_manifest(src=src, chosen=chosen, baseline=baseline, attempts=attempts, reason=reason,
                               quantize=quantize, task=task, name=name or Path(model).stem, version=version,
-                              source_path=Path(model), labels=labels, preprocessing=prep, eval_examples=len(ev[0]))
+                              source_path=Path(model), labels=labels, preprocessing=prep, eval_examples=len(ev[0]),
+                              target=profile)
     package = write_package(out, chosen.model_bytes, manifest, extra)
     return ConversionResult(package, chosen.recipe, reason, attempts, baseline)

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from converters.checkpoint.loader import Checkpoint, open_checkpoint
-from converters.convert import ConversionResult, build_manifest, check_common, search_recipes
+from converters.convert import (
+    ConversionResult,
+    build_manifest,
+    check_common,
+    load_target,
+    search_recipes,
+)
 from converters.source_model import source_from_keras
 from converters.text_data import load_texts
 from converters.tf_env import silenced
@@ -50,7 +56,9 @@ def convert_checkpoint(
     prefill_len: int = 64,
     max_cache: int = 256,
     min_lm_agreement: float = 0.95,
+    target: str | None = None,
 ) -> ConversionResult:
+    profile = load_target(target)
     ckpt = open_checkpoint(model, head)
     if ckpt.tokenizer_path is None:
         raise ConversionError(f"{model}: no tokenizer.json; the device needs it (save the tokenizer with the model)")
@@ -60,7 +68,7 @@ def convert_checkpoint(
 
         return convert_decoder(ckpt, Path(model), Path(out), eval_data=eval_data, quantize=quantize,
                                min_agreement=min_lm_agreement, name=name, version=version, progress=progress,
-                               say=say, prefill_len=prefill_len, max_cache=max_cache)
+                               say=say, prefill_len=prefill_len, max_cache=max_cache, target=profile)
     check_common(quantize, None, calib, None)
     from converters.checkpoint.encoders import build_encoder
 
@@ -81,7 +89,7 @@ def convert_checkpoint(
     calib_arrays = arrays(calib, "calibration")[0] if calib is not None else None
     task = "text-classification" if ckpt.head == "classification" else "embedding"
     attempts, baseline, chosen, reason = search_recipes(
-        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say, task)
+        src, calib_arrays, ev, ev_labels, quantize, min_agreement, min_cosine, progress, say, task, profile)
     prep: dict[str, Any] = {"max_length": max_length, "architecture": ckpt.arch}
     if task == "embedding":
         prep["pooling"] = {k: v for k, v in ckpt.pooling.items() if k.startswith("pooling_mode") and v} or {"pooling_mode_mean_tokens": True}
@@ -89,7 +97,7 @@ def convert_checkpoint(
     manifest = build_manifest(src=src, chosen=chosen, baseline=baseline, attempts=attempts, reason=reason,
                               quantize=quantize, task=task, name=name or Path(model).name, version=version,
                               source_path=Path(model), labels=ckpt.labels, preprocessing=prep,
-                              eval_examples=len(ev[0]))
+                              eval_examples=len(ev[0]), target=profile)
     extra = {TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes()}
     if ckpt.labels:
         extra[LABELS_FILE] = ("\n".join(ckpt.labels) + "\n").encode()

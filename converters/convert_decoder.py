@@ -21,7 +21,7 @@ from converters.checkpoint.decoders import (
     export_saved_model,
 )
 from converters.checkpoint.loader import Checkpoint
-from converters.convert import Attempt, ConversionResult, GateError
+from converters.convert import Attempt, ConversionResult, GateError, target_json, target_problems
 from converters.convert_checkpoint import checkpoint_sha256
 from converters.text_data import load_texts
 from converters.tf_env import silenced
@@ -151,7 +151,10 @@ def convert_decoder(
     say: Callable[[str], None] = lambda s: None,
     prefill_len: int = 64,
     max_cache: int = 256,
+    target: Any = None,
 ) -> ConversionResult:
+    """TARGET (a devices.profiles.DeviceProfile): recipes whose ops or op versions its runtime cannot load
+    are reported as failed attempts (the decoder's converter flags are not changed for it)."""
     if quantize in ("int8", "int8-float-attention"):
         raise ConversionError(
             f"--quantize {quantize} is not offered for decoders: full-integer int8 collapsed small transformers here "
@@ -184,6 +187,12 @@ def convert_decoder(
                 attempts.append(a)
                 continue
             a.size_bytes = len(a.model_bytes)
+            problems = target_problems(target, recipe, a.model_bytes) if recipe != "float32" or quantize == "float32" else []
+            if problems:
+                a.error = f"recipe {recipe} for {target.name}: {'; '.join(problems)}"
+                attempts.append(a)
+                say(f"  {recipe}: {a.error}")
+                continue
             tick = bar(len(windows), f"validating {recipe}") if bar else None
             a.report = _evaluate(dec, a.model_bytes, windows, tick)
             a.latency_ms = a.report["decode_ms"] or 0.0
@@ -242,6 +251,7 @@ def convert_decoder(
             "tried": [a.to_json() for a in tried],
         },
         "min_runtime": {"ops": op_versions(chosen.model_bytes)},
+        **({"target": target_json(target)} if target is not None else {}),
     }
     package = write_package(out, chosen.model_bytes, manifest, {TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes()})
     return ConversionResult(package, chosen.recipe, reason, tried, baseline)

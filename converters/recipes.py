@@ -59,8 +59,15 @@ def convert(
     recipe: str,
     calib: list[np.ndarray] | None,
     progress: ProgressFactory | None = None,
+    *,
+    per_channel_dense: bool = True,
 ) -> bytes:
-    """Convert with one recipe. Raises ConversionError with TensorFlow's reason when it cannot."""
+    """Convert with one recipe. Raises ConversionError with TensorFlow's reason when it cannot.
+
+    per_channel_dense=False quantizes Dense weights per tensor: FULLY_CONNECTED then stays at a version
+    older runtimes load (TF 2.21 writes v12 for per-channel dynamic-range dense layers; tflite-runtime 2.14
+    loads up to v10).
+    """
     if recipe not in RECIPES:
         raise ConversionError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     needs_calib = recipe in ("int8", "int8-float-attention")
@@ -69,7 +76,7 @@ def convert(
     tick = progress(len(calib[0]), f"calibrating {recipe}") if (needs_calib and progress) else None
     try:
         with silenced():
-            return _convert(src, recipe, calib, tick)
+            return _convert(src, recipe, calib, tick, per_channel_dense)
     except ConversionError:
         raise
     except Exception as exc:
@@ -78,9 +85,12 @@ def convert(
         raise ConversionError(f"recipe {recipe} failed to convert: {reason[:300]}") from exc
 
 
-def _convert(src: SourceModel, recipe: str, calib: list[np.ndarray] | None, tick: Callable[[], None] | None) -> bytes:
+def _convert(src: SourceModel, recipe: str, calib: list[np.ndarray] | None, tick: Callable[[], None] | None,
+             per_channel_dense: bool = True) -> bytes:
     t = tf()
     conv = _converter(src)
+    if not per_channel_dense:
+        conv._experimental_disable_per_channel_quantization_for_dense_layers = True  # noqa: SLF001
     if recipe == "float16":
         conv.optimizations = [t.lite.Optimize.DEFAULT]
         conv.target_spec.supported_types = [t.float16]
