@@ -128,6 +128,8 @@ fi
 {
     echo '#!/bin/sh'
     echo '# edge-slm launcher written by install.sh'
+    echo '# never import edge_slm from the working directory (Python 3.11+ honours this)'
+    echo 'export PYTHONSAFEPATH=1'
     if [ -n "$LIBPATH" ]; then
         echo "PYTHONPATH=\"$LIBPATH\${PYTHONPATH:+:\$PYTHONPATH}\" exec \"$AGENT_PY\" -m edge_slm.cli \"\$@\""
     else
