@@ -632,8 +632,9 @@ def _plot_per_device(rep: dict) -> str:
     return "\n".join(out)
 
 
-def _plot_events(rep: dict) -> str:
-    """One row per event kind: ticks at each event, bars for events with a duration."""
+def _plot_events(rep: dict, max_markers: int = 200) -> str:
+    """One row per event kind: ticks at each event, bars for events with a duration. A kind with more
+    than max_markers point events (a thousand devices reconnecting) is drawn as per-second counts."""
     events = rep["events"]
     kinds = sorted({str(e.get("kind", "?")) for e in events}) or ["(no events)"]
     end = max(1, rep["series"]["t"][-1] + 1)
@@ -641,16 +642,31 @@ def _plot_events(rep: dict) -> str:
               xlabel="seconds since start", height=max(140, 60 + 26 * len(kinds)))
     c.ml = max(c.ml, 12 + 7 * max(len(k) for k in kinds))
     row = {k: i for i, k in enumerate(reversed(kinds))}
+    points: dict[str, list[dict]] = defaultdict(list)
     for e in events:
         k = str(e.get("kind", "?"))
         t = float(e.get("t", 0))
         color = FAULT_COLORS.get(k, PALETTE[row[k] % len(PALETTE)])
         if e.get("duration_s"):
             a, b = c.px(t), c.px(t + float(e["duration_s"]))
-            c.parts.append(f'<rect x="{a:.1f}" y="{c.py(row[k]) - 7:.1f}" width="{max(1.0, b - a):.1f}" height="14" '
-                           f'fill="{color}" fill-opacity="0.5"><title>{_e(_event_label(e))}</title></rect>')
+            c.parts.append(f'<rect x="{a:.1f}" y="{c.py(row[k]) - 7:.1f}" width="{max(1.0, b - a):.1f}" '
+                           f'height="14" fill="{color}" fill-opacity="0.5"><title>{_e(_event_label(e))}</title></rect>')
         else:
-            c.marker(t, row[k], color, _event_label(e))
+            points[k].append(e)
+    for k, evs in points.items():
+        color = FAULT_COLORS.get(k, PALETTE[row[k] % len(PALETTE)])
+        if len(evs) <= max_markers:
+            for e in evs:
+                c.marker(float(e.get("t", 0)), row[k], color, _event_label(e))
+            continue
+        per_s = Counter(int(float(e.get("t", 0))) for e in evs)
+        peak = max(per_s.values())
+        base = c.py(row[k]) + 8
+        for sec, n in sorted(per_s.items()):
+            hgt = 2 + 14 * n / peak
+            a, b = c.px(sec), c.px(sec + 1)
+            c.parts.append(f'<rect x="{a:.1f}" y="{base - hgt:.1f}" width="{max(1.0, b - a - 0.5):.1f}" '
+                           f'height="{hgt:.1f}" fill="{color}"><title>{_e(k)}: {n} in second {sec}</title></rect>')
     counts = rep["event_counts"]
     return c.render(y_ticks=[(row[k], f"{k} ({counts.get(k, 0)})") for k in kinds])
 

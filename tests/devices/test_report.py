@@ -255,3 +255,15 @@ def test_any_device_id_or_latency_gives_valid_json_and_html(tmp_path, ids, lat):
     page = Page()
     page.feed((tmp_path / "report.html").read_text())
     assert page.tags.count("svg") == 5 and page.urls == [] and "script" not in page.tags
+
+
+def test_a_thousand_reconnects_are_drawn_as_per_second_counts(tmp_path):
+    records = [rec(f"d{i}", 0, i * 0.01) for i in range(1000)]
+    events = [{"t": 5 + (i % 3) + 0.5, "kind": "reconnect", "device": f"d{i}"} for i in range(1000)]
+    report = build_report({"name": "many"}, records, events, None, tmp_path)
+    html_text = (tmp_path / "report.html").read_text()
+    assert report["summary"]["reconnects"] == 1000
+    assert "reconnect at 5.5s" not in html_text  # no marker per event
+    counts = {sec: sum(1 for e in events if int(e["t"]) == sec) for sec in (5, 6, 7)}
+    for sec, n in counts.items():
+        assert f"reconnect: {n} in second {sec}" in html_text
