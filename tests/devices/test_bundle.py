@@ -197,3 +197,49 @@ _scalars = st.one_of(st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_
 def test_dump_toml_round_trips(top, table, items):  # noqa: ANN001
     data = {**{f"t_{k}": v for k, v in top.items()}, "mqtt": table, "pipelines": items}
     assert tomllib.loads(dump_toml(data)) == data
+
+
+# --- Dockerfiles: parsed and checked against a real bundle (docker itself is not needed) -------------
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, buf = [], ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        buf += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            buf = ""
+    return out
+
+
+@pytest.mark.parametrize("name,base", [("Dockerfile.arm64", "python:3.11-slim-bookworm"),
+                                       ("Dockerfile.jetson", "nvcr.io/nvidia/l4t-jetpack:r36")])
+def test_dockerfiles_install_a_bundle_and_run_the_agent(host_bundle, tmp_path, name, base):  # noqa: ANN001
+    path = Path(__file__).resolve().parents[2] / "deploy" / "docker" / name
+    ins = dockerfile_instructions(path)
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in ins if k == "ARG" and "=" in a}
+    froms = [a for k, a in ins if k == "FROM"]
+    assert len(froms) == 1
+    image = froms[0].replace("${BASE_IMAGE}", args.get("BASE_IMAGE", "")).replace("${L4T_IMAGE}", args.get("L4T_IMAGE", ""))
+    assert image.startswith(base), image
+    cmd = json.loads([a for k, a in ins if k == "CMD"][-1])
+    assert cmd == ["/opt/edge-slm/current/bin/edge-slm", "run", "/etc/edge-slm/agent.toml"]
+    assert [a for k, a in ins if k == "USER"] == ["edge-slm"]
+
+    with tarfile.open(host_bundle.path, "r:gz") as t:
+        t.extractall(tmp_path, filter="data")
+    ctx = tmp_path / host_bundle.release
+    for k, a in ins:
+        if k == "COPY":
+            *sources, _dest = a.split()
+            for src in sources:
+                assert (ctx / src).exists(), f"{name}: COPY {src} is not in a bundle"
+    install_usage = (ctx / "install.sh").read_text()
+    runs = " ".join(a for k, a in ins if k == "RUN")
+    assert "sh /tmp/bundle/install.sh" in runs
+    for opt in ("--python", "--no-venv"):
+        assert opt in runs and f"{opt})" in install_usage, f"install.sh does not take {opt}"
+    # the command the image runs is the one install.sh puts in place (exercised for real in test_deploy)
+    assert "current/bin/edge-slm" in install_usage
