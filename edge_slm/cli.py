@@ -33,11 +33,20 @@ EPILOG = """examples:
   edge-slm train-kws -o kws_pkg                   speak, train and convert a keyword spotter
   edge-slm train-sensor -o sensor_pkgs            vibration anomaly + fault models
   edge-slm export-mcu pkg -o firmware/model       C array, op resolver and arena size for TFLite Micro
+  edge-slm fit pkg --target pi-zero-2w            RAM, storage, ops and latency on a device before buying it
+  edge-slm simulate scenario.toml -o report/      a fleet with broker outages, latency and crashes
+  edge-slm bundle pkg agent.toml --target pi-5 -o b.tar.gz && edge-slm deploy b.tar.gz ssh://pi@kitchen/opt/edge-slm
+  edge-slm doctor agent.toml                      what works on this machine, and how to fix what does not
 """
 
-# Host commands whose parsers live with their code; imported only when that command runs, so the
-# device path (edge-slm run) never loads converters. module, one-line help.
+# Commands whose parsers live with their code; imported only when that command runs, so the device
+# path (edge-slm run) never loads converters or devices. module, one-line help.
 HOST_COMMANDS = {
+    "doctor": ("edge_slm.doctor", "check this machine: Python, numpy, TFLite runtime, packages, broker, audio, serial"),
+    "fit": ("devices.fit", "will a package fit a device? RAM, storage, ops, estimated latency (--list: targets)"),
+    "simulate": ("devices.simulator", "a fleet of virtual devices running the real agent, with faults, and a report"),
+    "bundle": ("devices.bundle", "package + agent config + pinned requirements + systemd unit -> bundle.tar.gz"),
+    "deploy": ("devices.deploy", "install a bundle over ssh://user@host/path or into dir://PATH"),
     "train-kws": ("converters.kws", "speak a keyword dataset with espeak-ng, train a keyword spotter, write an int8 package"),
     "train-sensor": ("converters.sensor_models", "train the vibration anomaly and fault models, write int8 packages"),
     "export-mcu": ("firmware_bridge.tflm_export", "export a package for TensorFlow Lite Micro: C array, op resolver, arena size"),
@@ -179,8 +188,8 @@ def _add_host_commands(sub: Any, command: str | None) -> None:
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:
-            raise EdgeSlmError(f"{name} runs on the host and needs the convert extra ({exc.name} is missing): "
-                               "pip install 'edge-slm[convert]'") from exc
+            raise EdgeSlmError(f"{name} needs a package that is not installed ({exc.name}): "
+                               "pip install 'edge-slm[convert,sim]' on the host") from exc
         mod.add_cli(sub)
 
 
