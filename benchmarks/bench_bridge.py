@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -23,11 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, which puts the repo root on sys.path
 
 import numpy as np  # noqa: E402
+from _common import ROOT, loadavg, machine, say  # noqa: E402
 
 from edge_slm.table import format_table  # noqa: E402
 from firmware_bridge.protocol import (  # noqa: E402
@@ -77,22 +74,10 @@ int main(int argc, char **argv) {
 """
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def machine(gcc: str | None) -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                   if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gcc_version = "not installed"
-    if gcc:
-        gcc_version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "numpy": np.__version__, "gcc": gcc_version, "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
+def gcc_version(gcc: str | None) -> str:
+    if not gcc:
+        return "not installed"
+    return subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 
 
 def workloads(mbytes: float) -> dict[str, tuple[bytes, int, int]]:
@@ -206,7 +191,7 @@ def main() -> int:
     args = ap.parse_args()
 
     gcc = shutil.which("gcc")
-    mach = machine(gcc)
+    mach = machine(packages=("numpy",), extra={"gcc": gcc_version(gcc)}, host=("kernel",))
     loads = workloads(args.mbytes)
     impls = ["python decoder", "python decoder + parse", "C decoder (-O2)"] if gcc else [
         "python decoder", "python decoder + parse"]
@@ -233,7 +218,7 @@ def main() -> int:
             for stream in ("imu", "mic"):
                 say(f"end to end: {stream}")
                 e2e[stream] = bench_end_to_end(vmcu, tmp, stream, args.e2e_seconds)
-    mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    mach["loadavg_end"] = loadavg()
 
     rows = []
     for name, (stream, n, payload) in loads.items():

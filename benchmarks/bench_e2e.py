@@ -11,28 +11,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from importlib import metadata
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, which puts the repo root on sys.path
 
 import numpy as np  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 import psutil  # noqa: E402
+from _common import (  # noqa: E402
+    edge_slm_command,
+    loadavg,
+    machine,
+    mqtt_subscriber,
+    percentiles,
+    say,
+    start_mosquitto,
+    stop_process,
+    work_dir,
+)
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from devices.broker import free_port  # noqa: E402
 from edge_slm.mqtt import Topics, parse_broker_url  # noqa: E402
 from edge_slm.package import ModelPackage  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
@@ -42,13 +47,8 @@ THREADS = 1  # what PipelineConfig.threads defaults to, so Table A matches what 
 PIPELINE = "intent"
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def pct(ms: list[float] | np.ndarray, *qs: float) -> list[float]:
-    a = np.asarray(ms, dtype=np.float64)
-    return [round(float(np.percentile(a, q)), 4) for q in qs]
+    return percentiles(ms, *qs, digits=4)
 
 
 def timed(fn, n: int, warmup: int) -> np.ndarray:  # noqa: ANN001
@@ -62,29 +62,6 @@ def timed(fn, n: int, warmup: int) -> np.ndarray:  # noqa: ANN001
         fn(i)
         out[i] = clock() - t0
     return out * 1000.0
-
-
-# --- machine ---------------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def ver(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "numpy": np.__version__, "ai-edge-litert": ver("ai-edge-litert"), "tensorflow": ver("tensorflow-cpu")
-            if ver("tensorflow-cpu") != "-" else ver("tensorflow"), "paho-mqtt": ver("paho-mqtt"),
-            "tokenizers": ver("tokenizers"), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
 
 
 # --- 1. train and convert --------------------------------------------------------------------------
@@ -170,28 +147,6 @@ def bench_calls(built: dict[str, Any], calls: int) -> list[dict[str, Any]]:
 
 # --- 3. Table B: a real agent over MQTT -------------------------------------------------------------
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def start_mosquitto(workdir: Path, nodelay: bool) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = workdir / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
-                    "persistence false\nlog_dest stdout\n" + ("set_tcp_nodelay true\n" if nodelay else ""))
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=open(workdir / f"mosquitto-{port}.log", "wb"),
-                            stderr=subprocess.STDOUT)
-    wait_port(port)
-    return proc, f"mqtt://127.0.0.1:{port}"
-
-
 def set_nodelay(client, userdata, sock) -> None:  # noqa: ANN001 - paho on_socket_open
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -214,25 +169,13 @@ class Observer:
     """Subscribes to the agent's status, result and error topics; timestamps every record on arrival."""
 
     def __init__(self, url: str, topics: Topics, nodelay: bool) -> None:
-        addr = parse_broker_url(url)
         self.topics = topics
         self.records: list[tuple[float, dict[str, Any]]] = []
         self.status: bytes = b""
         self.cv = threading.Condition()
-        subscribed = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-observer-{topics.device_id}")
-        c.max_queued_messages_set(0)
-        if nodelay:
-            c.on_socket_open = set_nodelay
-        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(
-            [(topics.status, 1), (topics.result(PIPELINE), 1), (topics.error(PIPELINE), 1)])
-        c.on_subscribe = lambda cl, u, mid, rc, p: subscribed.set()
-        c.on_message = self._message
-        c.connect(addr.host, addr.port)
-        c.loop_start()
-        self.client = c
-        if not subscribed.wait(10):
-            raise RuntimeError(f"could not subscribe on {url}")
+        self.client = mqtt_subscriber(
+            url, [(topics.status, 1), (topics.result(PIPELINE), 1), (topics.error(PIPELINE), 1)], self._message,
+            client_id=f"bench-observer-{topics.device_id}", nodelay=nodelay)
 
     def _message(self, client, userdata, msg) -> None:  # noqa: ANN001
         t = time.perf_counter()
@@ -289,10 +232,12 @@ def run_mode(mode: str, n: int, texts: list[str], pub: paho.Client, obs: Observe
 
 def bench_agent(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str], broker: str | None,
                 nodelay: bool) -> dict[str, Any]:
-    mosq = None
-    url = broker
-    if not url:
-        mosq, url = start_mosquitto(workdir, nodelay)
+    with nullcontext(broker) if broker else start_mosquitto(workdir, nodelay=nodelay) as url:
+        return agent_run(pkg, workdir, n, paced_n, texts, url, external=broker is not None, nodelay=nodelay)
+
+
+def agent_run(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str], url: str, external: bool,
+              nodelay: bool) -> dict[str, Any]:
     config = "nodelay" if nodelay else "stock"
     device = f"bench-{os.getpid()}-{config}"
     topics = Topics("edge-slm", device)
@@ -300,13 +245,7 @@ def bench_agent(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str]
     conf.write_text(f'device_id = "{device}"\nstate_dir = "{workdir / "state"}"\nlog_level = "INFO"\n\n'
                     f'[mqtt]\nbroker = "{url}"\n\n'
                     f'[[pipelines]]\nname = "{PIPELINE}"\nmodel = "{pkg}"\nsource = "mqtt://"\n')
-    exe = Path(sys.executable).parent / "edge-slm"
-    if nodelay:
-        cmd = [sys.executable, "-c", NODELAY_AGENT, str(conf)]
-    elif exe.exists():
-        cmd = [str(exe), "run", str(conf)]
-    else:
-        cmd = [sys.executable, "-m", "edge_slm.cli", "run", str(conf)]
+    cmd = [sys.executable, "-c", NODELAY_AGENT, str(conf)] if nodelay else edge_slm_command("run", str(conf))
     log = workdir / f"agent-{config}.log"
     agent = obs = pub = None
     try:
@@ -341,7 +280,7 @@ def bench_agent(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str]
         rss_after = proc.memory_info().rss
         for m in (paced, burst):
             m["config"] = config
-        return {"config": config, "broker": url, "broker_kind": "external" if broker else "mosquitto (own)",
+        return {"config": config, "broker": url, "broker_kind": "external" if external else "mosquitto (own)",
                 "device_id": device,
                 "agent_cmd": " ".join(cmd), "agent_startup_s": round(startup_s, 2),
                 "agent_rss_online_mib": round(rss_online / 2**20, 1), "agent_rss_after_mib": round(rss_after / 2**20, 1),
@@ -350,24 +289,12 @@ def bench_agent(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str]
         if pub is not None:
             pub.disconnect()
             pub.loop_stop()
-        if agent is not None and agent.poll() is None:
-            agent.terminate()
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+        if agent is not None:
+            stop_process(agent, 15)
         if obs is not None:
-            if broker:  # do not leave our retained 'offline' behind on someone else's broker
+            if external:  # do not leave our retained 'offline' behind on someone else's broker
                 obs.client.publish(topics.status, b"", qos=1, retain=True).wait_for_publish(5)
             obs.close()
-        if mosq is not None:
-            mosq.terminate()
-            try:
-                mosq.wait(5)
-            except subprocess.TimeoutExpired:
-                mosq.kill()
-                mosq.wait()
 
 
 # --- 4. report -------------------------------------------------------------------------------------
@@ -385,15 +312,8 @@ def main() -> int:
     args = ap.parse_args()
 
     t_start = time.monotonic()
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="edge-slm-bench-")
-        workdir = Path(tmp.name)
-    try:
-        mach = machine()
+    with work_dir(args.workdir, "edge-slm-bench-") as workdir:
+        mach = machine(packages=("numpy", "ai-edge-litert", "tensorflow", "paho-mqtt", "tokenizers"))
         built = build(workdir, args.epochs)
         calls = bench_calls(built, args.calls)
         pkg = built["auto"].package.path
@@ -402,7 +322,7 @@ def main() -> int:
         if not args.no_nodelay:
             runs.append(bench_agent(pkg, workdir, args.messages, args.messages, built["texts"], args.broker, nodelay=True))
         bench_rss = psutil.Process().memory_info().rss
-        mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        mach["loadavg_end"] = loadavg()
         modes = [m for r in runs for m in r["modes"]]
         lossless = all(m["lost"] == 0 and m["errors"] == 0 and m["seq_increasing"] and m["results"] == m["sent"]
                        for m in modes)
@@ -478,9 +398,6 @@ def main() -> int:
         print(f"nothing lost: {'yes' if lossless else 'NO'}; total {data['total_s']}s "
               f"(train {built['train_s']}s, convert auto {built['convert_auto_s']}s)")
         return 0 if lossless else 1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

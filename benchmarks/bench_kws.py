@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, which puts the repo root on sys.path
 
 import numpy as np  # noqa: E402
+from _common import loadavg, machine, say  # noqa: E402
 
 from edge_slm import runtime  # noqa: E402
 from edge_slm.audio import resample  # noqa: E402
@@ -32,28 +27,6 @@ from edge_slm.kws import KeywordSpotter  # noqa: E402
 from edge_slm.package import ModelPackage  # noqa: E402
 from edge_slm.streams import AudioBlock  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        litert = metadata.version("ai-edge-litert")
-    except metadata.PackageNotFoundError:
-        litert = "-"
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "numpy": np.__version__, "ai_edge_litert": litert,
-            "platform": platform.platform()}
 
 
 def build_packages(work: Path) -> tuple[Path, Path]:
@@ -121,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    info = machine(packages=("numpy", "ai-edge-litert"), host=("platform",))
     if args.int8 and args.float_pkg:
         int8_dir, float_dir = Path(args.int8), Path(args.float_pkg)
     elif (work / "kws-int8").is_dir() and (work / "kws-float32").is_dir():
@@ -155,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{med['invoke_p50']:.3f}", f"{med['window_p50']:.3f}", f"{med['window_p95']:.3f}",
                      f"{med['rtf_16k_100ms']:.4f}", f"{med['rtf_16k_10ms']:.4f}", f"{med['rtf_44k1_100ms']:.4f}",
                      found[f"{name}/rtf_16k_100ms"], acc])
-    info = machine()
+    info["loadavg_end"] = loadavg()
     if args.json:
         print(json.dumps({"machine": info, "settings": variants["int8"][1].settings(), "rows": rows,
                           "raw": results}, indent=2))
         return 0
-    print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_avg']}, Python {info['python']}, "
-          f"numpy {info['numpy']}, ai-edge-litert {info['ai_edge_litert']}, threads {args.threads}")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg_end']}, Python {info['python']}, "
+          f"numpy {info['numpy']}, ai-edge-litert {info['ai-edge-litert']}, threads {args.threads}")
     s = variants["int8"][1].settings()
     print(f"stream: {args.seconds:g} s espeak-ng recording with {n_commands} commands, stride {s['stride_ms']:g} ms, smoothing "
           f"{s['smoothing_ms']:g} ms; medians of {args.rounds} interleaved rounds, {args.windows} windows each\n")

@@ -13,22 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, which puts the repo root on sys.path
 
 import numpy as np  # noqa: E402
+from _common import (  # noqa: E402
+    cache_sizes,
+    edge_slm_command,
+    loadavg,
+    machine,
+    percentiles,
+    say,
+    stop_process,
+    work_dir,
+)
 
 PREFILL_LEN = 64
 MAX_CACHE = 256
@@ -43,18 +49,12 @@ QUICK = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_ke
 BUCKET = 16  # no-cache baseline: sequence padded to the next multiple of this
 PROMPT = "The engineer measured the broken gate near the station"
 AGENT_PROMPTS = ["The old farmer repaired", "A small robot watched the river", "Our team announced the new firmware"]
-EXE = Path(sys.executable).parent / "edge-slm"
 GB = 1e9
 MIB = 2**20
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def pct(ms: list[float] | np.ndarray, *qs: float) -> list[float]:
-    a = np.asarray(ms, dtype=np.float64)
-    return [round(float(np.percentile(a, q)), 3) for q in qs]
+    return percentiles(ms, *qs, digits=3)
 
 
 def sentences(n: int, seed: int) -> list[str]:
@@ -77,41 +77,6 @@ def sentences(n: int, seed: int) -> list[str]:
             s += f" Then {r.choice(subj)} {r.choice(verb)} {r.choice(obj)}."
         out.append(s)
     return out
-
-
-# --- machine ---------------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    caches = {}
-    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level, kind = (d / "level").read_text().strip(), (d / "type").read_text().strip()
-            if kind != "Instruction":
-                caches[f"L{level}"] = (d / "size").read_text().strip()
-        except OSError:
-            pass
-
-    def ver(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    import psutil
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "numpy": np.__version__, "ai-edge-litert": ver("ai-edge-litert"),
-            "tensorflow": ver("tensorflow-cpu") if ver("tensorflow-cpu") != "-" else ver("tensorflow"),
-            "torch": ver("torch"), "transformers": ver("transformers"), "tokenizers": ver("tokenizers"),
-            "caches_per_core": caches, "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
 
 
 # --- subprocesses with their memory watched ----------------------------------------------------------
@@ -164,8 +129,7 @@ def run_worker(name: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]
 
 
 def convert_cli(args: list[str], workdir: Path, label: str) -> dict[str, Any]:
-    cmd = [str(EXE) if EXE.exists() else sys.executable, *([] if EXE.exists() else ["-m", "edge_slm.cli"]),
-           "convert", *args, "--json"]
+    cmd = edge_slm_command("convert", *args, "--json")
     out = workdir / f"convert-{label}.json"
     m = monitored(cmd, workdir / f"convert-{label}.log", stdout=out)
     try:
@@ -436,7 +400,7 @@ def bench_agent(pkg: Path, workdir: Path, n: int) -> dict[str, Any]:
                     f'threads = 1\n\n[pipelines.generation]\nmax_new_tokens = {n}\ntemperature = 0.0\n'
                     'stream_tokens = false\n')
     log = workdir / "agent.log"
-    cmd = [str(EXE), "run", str(conf)] if EXE.exists() else [sys.executable, "-m", "edge_slm.cli", "run", str(conf)]
+    cmd = edge_slm_command("run", str(conf))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "wb"), cwd=workdir)
     try:
@@ -477,9 +441,7 @@ def bench_agent(pkg: Path, workdir: Path, n: int) -> dict[str, Any]:
         done.set()
         th.join()
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
+        stop_process(proc, 10)
     outs = [r.get("output", {}) for r in records]
     return {"cmd": " ".join(cmd), "startup_s": round(startup, 2), "rss_loaded_mib": round(rss_loaded / MIB, 1),
             "rss_peak_mib": round(peak / MIB, 1), "rss_after_mib": round(rss_after / MIB, 1),
@@ -536,15 +498,10 @@ def main() -> int:
     from edge_slm import runtime
 
     t_start = time.monotonic()
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="edge-slm-bench-llm-")
-        workdir = Path(tmp.name)
-    try:
-        mach = machine()
+    with work_dir(args.workdir, "edge-slm-bench-llm-") as workdir:
+        mach = machine(packages=("numpy", "ai-edge-litert", "tensorflow", "torch", "transformers", "tokenizers"),
+                       extra={"caches_per_core": cache_sizes(),
+                              "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1)})
         dims = QUICK if args.quick else FULL
         n = args.new_tokens
 
@@ -660,7 +617,7 @@ def main() -> int:
             mini_timing = [time_encoder(workdir / "pkg-minilm", texts, 300, th) for th in (1, 2)]
         say(f"      rc {mini['rc']}, {mini['wall_s']}s, peak RSS {mini['peak_rss_mib']} MiB; chosen {rep.get('chosen')}")
 
-        mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        mach["loadavg_end"] = loadavg()
         bench_rss = psutil.Process().memory_info().rss
         bench_tf = maps_tensorflow(os.getpid())
         speed = {}
@@ -678,9 +635,6 @@ def main() -> int:
             return 0
         report(data, args)
         return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def report(d: dict[str, Any], args: argparse.Namespace) -> None:

@@ -13,40 +13,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, which puts the repo root on sys.path
 
 import numpy as np  # noqa: E402
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from _common import (  # noqa: E402
+    edge_slm_command,
+    loadavg,
+    machine,
+    mosquitto_binary,
+    mqtt_subscriber,
+    package_version,
+    say,
+    start_mosquitto,
+    work_dir,
+)
 
 from devices.broker import free_port  # noqa: E402
-from edge_slm.mqtt import Topics, parse_broker_url  # noqa: E402
+from edge_slm.mqtt import Topics  # noqa: E402
 from edge_slm.outbox import Outbox  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
 
 PIPELINE = "intent"
 MODES = [("off", "outbox off (paho memory only)"), ("normal", "outbox on, sync=normal"),
          ("full", "outbox on, sync=full")]
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- machine ---------------------------------------------------------------------------------------
@@ -63,20 +61,12 @@ def filesystem_of(path: Path) -> str:
     return f"{best[1]} on {best[0]} ({best[2]})"
 
 
-def machine(workdir: Path, mosquitto: str) -> dict[str, Any]:
-    cpu = platform.processor() or "?"
+def mosquitto_version() -> str:
     try:
-        cpu = next(x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                   if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        mosq = subprocess.run([mosquitto, "-h"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        mosq = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, "paho-mqtt": metadata.version("paho-mqtt"), "broker": mosq,
-            "state_dir disk": filesystem_of(workdir), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
+        return subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True,
+                              timeout=10).stdout.splitlines()[0]
+    except (OSError, IndexError, RuntimeError, subprocess.SubprocessError):
+        return "?"
 
 
 # --- a model package -------------------------------------------------------------------------------
@@ -102,43 +92,14 @@ def build_package(workdir: Path) -> Path:
 
 # --- 1. results/s through an agent -----------------------------------------------------------------
 
-def start_mosquitto(binary: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    conf = workdir / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
-                    "set_tcp_nodelay true\npersistence false\nlog_dest stdout\nlog_type error\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=open(workdir / "mosquitto.log", "wb"),
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"mqtt://127.0.0.1:{port}"
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"mosquitto did not listen on {port}; see {workdir / 'mosquitto.log'}")
-
-
 class Counter:
     """Subscribes to one result topic at QoS 1 and timestamps each arrival."""
 
     def __init__(self, url: str, topic: str) -> None:
-        addr = parse_broker_url(url)
         self.arrivals: list[float] = []
         self.ids: list[str] = []
         self.cv = threading.Condition()
-        ready = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-outbox-{free_port()}")
-        c.max_queued_messages_set(0)
-        c.on_socket_open = lambda cl, u, sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1)
-        c.on_subscribe = lambda cl, u, mid, rc, p: ready.set()
-        c.on_message = self._message
-        c.connect(addr.host, addr.port)
-        c.loop_start()
-        self.client = c
-        if not ready.wait(10):
-            raise RuntimeError(f"could not subscribe to {topic} on {url}")
+        self.client = mqtt_subscriber(url, [(topic, 1)], self._message, client_id=f"bench-outbox-{free_port()}")
 
     def _message(self, client, userdata, msg) -> None:  # noqa: ANN001
         t = time.perf_counter()
@@ -168,7 +129,7 @@ def run_agent(mode: str, rnd: int, url: str, pkg: Path, inputs: Path, n: int, wo
     counter = Counter(url, Topics("edge-slm", device).result(PIPELINE))
     log = workdir / f"{device}.log"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "edge_slm.cli", "run", str(conf)], stdout=open(log, "wb"),
+    proc = subprocess.Popen(edge_slm_command("run", str(conf)), stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, cwd=workdir)
     try:
         complete = counter.wait(n, 180)
@@ -187,24 +148,20 @@ def run_agent(mode: str, rnd: int, url: str, pkg: Path, inputs: Path, n: int, wo
             "agent_cpu_s": usage.ru_utime + usage.ru_stime}
 
 
-def bench_agent(pkg: Path, workdir: Path, n: int, rounds: int, mosquitto: str) -> list[dict[str, Any]]:
+def bench_agent(pkg: Path, workdir: Path, n: int, rounds: int) -> list[dict[str, Any]]:
     from converters.datasets.smart_home import generate
 
     texts = generate(per_intent=50)[1].texts
     inputs = workdir / "inputs.txt"
     inputs.write_text("".join(f"{texts[i % len(texts)]}\n" for i in range(n)))
-    broker, url = start_mosquitto(mosquitto, workdir)
     runs = []
-    try:
+    with start_mosquitto(workdir) as url:
         for rnd in range(1, rounds + 1):
             for mode, _ in MODES:
                 r = run_agent(mode, rnd, url, pkg, inputs, n, workdir)
                 say(f"round {rnd} {mode:>6}: {r['results_per_s']:8.0f} results/s, {r['results']} delivered "
                     f"({r['unique']} unique), agent {r['agent_wall_s']:.1f}s wall, {r['agent_cpu_s']:.1f}s CPU")
                 runs.append(r)
-    finally:
-        broker.terminate()
-        broker.wait(10)
     return runs
 
 
@@ -271,19 +228,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print every number as JSON instead of tables")
     args = ap.parse_args()
 
-    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    tmp = None
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="edge-slm-bench-outbox-")
-        workdir = Path(tmp.name)
-    try:
-        mach = machine(workdir, mosquitto)
+    with work_dir(args.workdir, "edge-slm-bench-outbox-") as workdir:
+        mach = machine(host=("kernel",), extra={
+            "sqlite": sqlite3.sqlite_version, "paho-mqtt": package_version("paho-mqtt"),
+            "broker": mosquitto_version(), "state_dir disk": filesystem_of(workdir)})
         pkg = Path(args.package).resolve() if args.package else build_package(workdir)
         say(f"package {pkg}; {args.rounds} rounds x {len(MODES)} modes x {args.messages} inputs")
-        runs = bench_agent(pkg, workdir, args.messages, args.rounds, mosquitto)
+        runs = bench_agent(pkg, workdir, args.messages, args.rounds)
         record = json.dumps({"schema_version": 1, "device_id": "bench", "pipeline": PIPELINE, "seq": 123456,
                              "ts": time.time(), "input_id": "file:inputs.txt:123456",
                              "model": {"name": "intents", "version": "1.0.0", "sha256": "0" * 64},
@@ -292,7 +243,7 @@ def main() -> int:
                                  {"label": "close_blinds", "score": 0.0004}]}, "latency_ms": 2.5},
                             separators=(",", ":")).encode()
         durability = [bench_durability(workdir, args.durability_records, s, record) for s in ("normal", "full")]
-        mach["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        mach["loadavg_end"] = loadavg()
         summary = summarize(runs)
         lossless = all(r["unique"] == args.messages for r in runs)
         if args.json:
@@ -323,9 +274,6 @@ def main() -> int:
         print()
         print("lossless (every input's result arrived in every run):", "yes" if lossless else "NO")
         return 0 if lossless else 1
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

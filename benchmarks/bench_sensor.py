@@ -13,51 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common, which puts the repo root on sys.path
 
 import numpy as np  # noqa: E402
+from _common import loadavg, machine, say  # noqa: E402
 
 from edge_slm import runtime  # noqa: E402
 from edge_slm.package import ModelPackage  # noqa: E402
 from edge_slm.sensor_tasks import SensorAnomalyDetector, SensorClassifier  # noqa: E402
 from edge_slm.streams import SensorBlock  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def ver(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "numpy": np.__version__, "ai-edge-litert": ver("ai-edge-litert"),
-            "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
 
 
 def build_packages(work: Path, machines: int, normal_only: int, seed: int) -> tuple[dict[str, Path], Any]:
@@ -125,7 +96,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    mach = machine()
+    mach = machine(packages=("numpy", "ai-edge-litert"))
     with tempfile.TemporaryDirectory() as tmp:
         paths, data = build_packages(Path(tmp), args.machines, args.normal_only, args.seed)
         variants = ["anomaly float32", "anomaly int8", "faults float32", "faults int8"]
@@ -154,7 +125,7 @@ def main() -> int:
                     per[v][k] += vals
                 n, secs = time_stream(tasks[v], stream, recs[0].sample_rate, recs[0].channels, args.block)
                 streamed[v].append(n / secs)
-        mach["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        mach["loadavg_end"] = loadavg()
 
     rows, out = [], {"machine": mach, "windows": int(len(windows)), "rounds": args.rounds, "threads": args.threads,
                      "window_samples": any_task.window, "hop": any_task.hop, "results": {}}
