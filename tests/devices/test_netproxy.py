@@ -156,7 +156,7 @@ def test_order_is_preserved_under_jitter(echo):
         reader.join(30)
         s.close()
         assert bytes(got) == b"".join(msgs)
-        assert proxy.stats()["delayed_chunks"] > 100
+        assert proxy.stats()["delayed_chunks"] > 40  # the kernel may coalesce some of the 400 sends
 
 
 def test_loss_stalls_but_never_corrupts_or_drops_bytes(echo):
