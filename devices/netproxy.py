@@ -456,17 +456,24 @@ class FaultProxy:
 
 
 def _parse_hostport(s: str) -> tuple[str, int]:
+    """HOST:PORT or mqtt://HOST:PORT (only plain TCP: the proxy does not terminate TLS)."""
+    s = s.removeprefix("mqtt://").rstrip("/")
     host, sep, port = s.rpartition(":")
+    host = host.strip("[]")
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {s!r}")
     return host or "127.0.0.1", int(port)
+
+
+def _stats_line(stats: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in stats.items())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m devices.netproxy", description=(
         "Fault-injecting TCP proxy in front of an MQTT broker. While it runs, type commands on stdin: "
         "down | up | latency MS | jitter MS | loss P | stats | quit"))
-    ap.add_argument("--upstream", required=True, type=_parse_hostport, help="broker HOST:PORT")
+    ap.add_argument("--upstream", required=True, type=_parse_hostport, help="broker HOST:PORT or mqtt://HOST:PORT")
     ap.add_argument("--listen", type=int, default=0, help="port to listen on (default: a free one)")
     ap.add_argument("--listen-host", default="127.0.0.1")
     ap.add_argument("--latency-ms", type=float, default=0.0)
@@ -505,14 +512,14 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 print(f"error: {e}", flush=True)
                 continue
-            print(proxy.stats(), flush=True)
+            print(_stats_line(proxy.stats()), flush=True)
         else:
             # stdin closed (e.g. run in the background): serve until interrupted
             threading.Event().wait()
     except KeyboardInterrupt:
         pass
     finally:
-        print(proxy.stats(), flush=True)
+        print(_stats_line(proxy.stats()), flush=True)
         proxy.stop()
     return 0
 

@@ -320,3 +320,34 @@ def test_500_concurrent_mqtt_connections_through_one_proxy(mosquitto):
         st_ = proxy.stats()
         assert st_["connections_total"] == n
         assert st_["bytes_down"] == n * 6
+
+
+def test_cli_proxies_mqtt_and_takes_commands_on_stdin(mosquitto):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "devices.netproxy", "--upstream", mosquitto.url,
+                             "--latency-ms", "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("listening on mqtt://127.0.0.1:"), first
+        port = int(first.split()[2].rsplit(":", 1)[1])
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(mqtt_connect_packet(f"np-cli-{free_port()}"))
+        assert recv_exact(s, 4) == b"\x20\x02\x00\x00"
+        proc.stdin.write("down\n")
+        proc.stdin.flush()
+        assert "down=True" in proc.stdout.readline()
+        assert s.recv(10) == b""  # the outage dropped the connection
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        proc.stdin.write("up\nloss 0.5\nquit\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "outages=1" in out and "down=False" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
