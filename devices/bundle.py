@@ -333,7 +333,7 @@ def make_bundle(package_dir: str | os.PathLike[str], agent_toml: str | os.PathLi
         wheel_name = None
         if wheel:
             wheel_name = build_wheel(staging / "wheels").name
-        for name in ("install.sh", "uninstall.sh", "edge-slm.service"):
+        for name in ("install.sh", "uninstall.sh", "rollback.sh", "edge-slm.service"):
             shutil.copy2(TEMPLATES / name, staging / name)
             if name.endswith(".sh"):
                 (staging / name).chmod(0o755)

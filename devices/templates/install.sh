@@ -182,6 +182,7 @@ for r in "$APP"/releases/*; do
     esac
 done
 cp "$REL/uninstall.sh" "$APP/uninstall.sh"
+cp "$REL/rollback.sh" "$APP/rollback.sh"
 
 # 8. the systemd unit
 mkdir -p "$UNITDIR"

@@ -31,7 +31,9 @@ def bundles(text_model, mosquitto, tmp_path_factory):  # noqa: ANN001, ANN201
     d = tmp_path_factory.mktemp("deploy_bundles")
     cfg = write_agent_toml(d / "agent.toml", f"deployed-{os.getpid()}", mosquitto.url, text_model.package, d / "state")
     first = make_bundle(text_model.package, cfg, "host", d / "first.tar.gz", created=T0)
-    second = make_bundle(text_model.package, cfg, "host", d / "second.tar.gz", created=T0 + timedelta(hours=1))
+    cfg2 = write_agent_toml(d / "agent2.toml", f"deployed-{os.getpid()}", mosquitto.url, text_model.package,
+                            d / "state", extra='log_level = "DEBUG"')
+    second = make_bundle(text_model.package, cfg2, "host", d / "second.tar.gz", created=T0 + timedelta(hours=1))
     return first, second
 
 
@@ -160,6 +162,14 @@ def test_destinations_parse():
             parse_destination(bad)
 
 
+def load_agent_config_text(text: str):  # noqa: ANN201
+    import tomllib
+
+    from edge_slm.config import agent_config_from_dict
+
+    return agent_config_from_dict(tomllib.loads(text))
+
+
 def run_installed_agent(root: Path, log: Path) -> subprocess.Popen:
     exe = root / "opt" / "edge-slm" / "current" / "bin" / "edge-slm"
     return subprocess.Popen([str(exe), "run", str(root / "etc" / "edge-slm" / "agent.toml")],
@@ -223,6 +233,18 @@ def test_dir_deploy_installs_a_release_whose_agent_answers_then_upgrades_rolls_b
     assert os.readlink(app / "current") == f"releases/{second.release}"
     assert os.readlink(app / "previous") == f"releases/{first.release}"
     assert (app / "releases" / first.release / "bin" / "edge-slm").is_file()
+    upgraded = (root / "etc" / "edge-slm" / "agent.toml").read_text()
+
+    # rollback: the first release's config and links come back; a second rollback returns to the upgrade
+    subprocess.run(["sh", str(app / "rollback.sh"), "--prefix", str(root)], check=True, capture_output=True)
+    assert os.readlink(app / "current") == f"releases/{first.release}"
+    assert os.readlink(app / "previous") == f"releases/{second.release}"
+    cfg_back = load_agent_config(root / "etc" / "edge-slm" / "agent.toml")
+    assert cfg_back.log_level == "INFO" and load_agent_config_text(upgraded).log_level == "DEBUG"
+    assert Path(cfg_back.pipelines[0].model, "model.tflite").is_file()
+    subprocess.run(["sh", str(app / "rollback.sh"), "--prefix", str(root)], check=True, capture_output=True)
+    assert os.readlink(app / "current") == f"releases/{second.release}"
+    assert (root / "etc" / "edge-slm" / "agent.toml").read_text() == upgraded
 
     # uninstall removes what install added and keeps state unless --purge
     subprocess.run(["sh", str(app / "uninstall.sh"), "--prefix", str(root)], check=True, capture_output=True)
