@@ -365,7 +365,9 @@ class FaultProxy:
         self._call(lambda: self._go_down() if down else self._go_up(), coro=not down)
 
     def stats(self) -> dict:
-        """Counters: connections total/open, bytes up/down, outages, delayed and "lost" chunks."""
+        """A snapshot: connections_total, connections_open, bytes_up (client -> broker), bytes_down,
+        outages, delayed_chunks (delivered later than read), lost_chunks (each held for an RTO;
+        a chunk lost twice counts twice), upstream_failures (broker unreachable), down (bool)."""
         def snap() -> dict:
             d = dict(self._stats)
             d["connections_open"] = len(self._conns)
