@@ -1,0 +1,203 @@
+"""Fleet-simulation scenarios: frozen dataclasses loaded from TOML, validated on load.
+
+Host side; uses edge_slm.config's schema builder. Must never import TensorFlow or converters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edge_slm.config import _build
+from edge_slm.errors import ConfigError
+from edge_slm.mqtt import parse_broker_url
+
+INPUT_KINDS = ("text",)  # sensor and voice inputs: not generated yet
+FAULT_KINDS = ("broker_outage", "latency", "loss", "crash", "serial_noise")
+NET_LOOPS = ("thread", "shared")
+
+
+@dataclass(frozen=True)
+class DeviceGroup:
+    """`count` devices running `model` (a package dir) on generated `kind` inputs at `rate` inputs/s each."""
+
+    model: str
+    count: int = 10
+    kind: str = "text"
+    rate: float = 1.0
+    pipeline: str = "intent"
+    id_prefix: str = ""  # default: the scenario's id_prefix plus the group's index
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault window. kind: broker_outage | latency | loss | crash | serial_noise.
+
+    latency: latency_ms/jitter_ms from at_s for duration_s; loss: `loss` (0..1) likewise; crash:
+    `devices` devices (a count >= 1, or a fraction < 1) die at at_s and come back restart_after_s later.
+    """
+
+    kind: str
+    at_s: float = 0.0
+    duration_s: float = 0.0
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+    devices: float = 1.0
+    restart_after_s: float = 2.0
+    corrupt: float = 0.0
+
+    def crash_count(self, total: int) -> int:
+        if self.devices >= 1:
+            return min(total, int(self.devices))
+        return min(total, max(1, round(self.devices * total)))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    devices: list[DeviceGroup]
+    name: str = "fleet"
+    duration_s: float = 20.0
+    seed: int = 0
+    broker: str = "embedded"  # mqtt://HOST:PORT, or "embedded" for an amqtt broker in this process
+    protocol: str = "auto"  # "5", "3.1.1", or auto: 3.1.1 for the embedded broker, else 5
+    qos: int = 1
+    workers: int = 1
+    id_prefix: str = "sim"
+    net_loop: str = "thread"  # thread: one paho network thread per device (the agent's own); shared: one per worker
+    outbox: bool = True
+    drain_s: float = 30.0  # after the last input: how long to wait for outstanding results
+    allowed_loss: float = 0.0  # fraction of inputs that may go missing and still pass
+    faults: list[Fault] = field(default_factory=list)
+
+    @property
+    def mqtt_protocol(self) -> str:
+        if self.protocol != "auto":
+            return self.protocol
+        return "3.1.1" if self.broker == "embedded" else "5"
+
+    @property
+    def total_devices(self) -> int:
+        return sum(g.count for g in self.devices)
+
+    def group_prefix(self, index: int) -> str:
+        g = self.devices[index]
+        return g.id_prefix or (self.id_prefix if len(self.devices) == 1 else f"{self.id_prefix}{index + 1}")
+
+    def device_ids(self) -> list[tuple[int, str]]:
+        """(group index, device id) for every device, in a stable order."""
+        out = []
+        for gi, g in enumerate(self.devices):
+            width = max(3, len(str(g.count)))
+            out += [(gi, f"{self.group_prefix(gi)}-{i + 1:0{width}d}") for i in range(g.count)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(x: float, key: str, where: str, lo: float = 0.0, hi: float = math.inf) -> None:
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise ConfigError(f"{where}: {key} must be between {lo:g} and {hi:g}, got {x!r}")
+
+
+def _check(s: Scenario, where: str) -> None:
+    if s.broker != "embedded":
+        try:
+            parse_broker_url(s.broker)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: broker: {exc}; or use \"embedded\"") from None
+    if s.protocol not in ("auto", "5", "3.1.1"):
+        raise ConfigError(f"{where}: protocol must be \"auto\", \"5\" or \"3.1.1\", got {s.protocol!r}")
+    if s.broker == "embedded" and s.mqtt_protocol == "5":
+        raise ConfigError(f"{where}: the embedded amqtt broker speaks MQTT 3.1.1 only; set protocol = \"3.1.1\"")
+    if s.qos not in (0, 1):
+        raise ConfigError(f"{where}: qos must be 0 or 1, got {s.qos}")
+    if not 1 <= s.workers <= 64:
+        raise ConfigError(f"{where}: workers must be 1..64, got {s.workers}")
+    if s.net_loop not in NET_LOOPS:
+        raise ConfigError(f"{where}: net_loop must be one of {', '.join(NET_LOOPS)}, got {s.net_loop!r}")
+    _finite(s.duration_s, "duration_s", where, 0.1, 7 * 24 * 3600)
+    _finite(s.drain_s, "drain_s", where, 0.0, 3600)
+    _finite(s.allowed_loss, "allowed_loss", where, 0.0, 1.0)
+    if not s.id_prefix or "/" in s.id_prefix or "+" in s.id_prefix or "#" in s.id_prefix:
+        raise ConfigError(f"{where}: id_prefix must be non-empty without '/', '+' or '#', got {s.id_prefix!r}")
+    if not s.devices:
+        raise ConfigError(f"{where}: at least one [[devices]] group is needed")
+    for i, g in enumerate(s.devices):
+        key = f"devices[{i}]"
+        if g.kind not in INPUT_KINDS:
+            raise ConfigError(f"{where}: {key}.kind must be one of {', '.join(INPUT_KINDS)}, got {g.kind!r}")
+        if not 1 <= g.count <= 100_000:
+            raise ConfigError(f"{where}: {key}.count must be 1..100000, got {g.count}")
+        _finite(g.rate, f"{key}.rate", where, 0.001, 1000.0)
+        if not g.model:
+            raise ConfigError(f"{where}: {key}.model must name a model package directory")
+        if not g.pipeline or any(c in g.pipeline for c in "/+#"):
+            raise ConfigError(f"{where}: {key}.pipeline must be non-empty without '/', '+' or '#'")
+        if any(c in g.id_prefix for c in "/+#"):
+            raise ConfigError(f"{where}: {key}.id_prefix must not contain '/', '+' or '#'")
+    ids = [d for _, d in s.device_ids()]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{where}: device ids collide between groups; give each group its own id_prefix")
+    for i, f in enumerate(s.faults):
+        key = f"faults[{i}]"
+        if f.kind not in FAULT_KINDS:
+            raise ConfigError(f"{where}: {key}.kind must be one of {', '.join(FAULT_KINDS)}, got {f.kind!r}")
+        _finite(f.at_s, f"{key}.at_s", where, 0.0, s.duration_s)
+        _finite(f.duration_s, f"{key}.duration_s", where, 0.0, 7 * 24 * 3600)
+        _finite(f.latency_ms, f"{key}.latency_ms", where, 0.0, 600_000)
+        _finite(f.jitter_ms, f"{key}.jitter_ms", where, 0.0, 600_000)
+        _finite(f.loss, f"{key}.loss", where, 0.0, 1.0)
+        _finite(f.restart_after_s, f"{key}.restart_after_s", where, 0.0, 3600)
+        _finite(f.devices, f"{key}.devices", where, 0.0, 1e9)
+        if f.kind in ("broker_outage", "latency", "loss") and f.duration_s <= 0:
+            raise ConfigError(f"{where}: {key} ({f.kind}) needs duration_s > 0")
+        if f.kind == "latency" and f.latency_ms <= 0 and f.jitter_ms <= 0:
+            raise ConfigError(f"{where}: {key} (latency) needs latency_ms or jitter_ms > 0")
+        if f.kind == "loss" and f.loss <= 0:
+            raise ConfigError(f"{where}: {key} (loss) needs loss > 0 (a fraction, e.g. 0.05)")
+        if f.kind == "crash" and (f.devices <= 0 or (f.devices >= 1 and f.devices != int(f.devices))):
+            raise ConfigError(f"{where}: {key}.devices must be a whole count >= 1 or a fraction below 1, got {f.devices!r}")
+        if f.kind == "serial_noise":
+            raise ConfigError(f"{where}: {key}: serial_noise needs MCU-backed devices, which this simulator "
+                              "does not run yet; remove the fault")
+
+
+def scenario_from_dict(data: dict[str, Any], where: str = "<scenario>", base_dir: Path | None = None) -> Scenario:
+    """Build and validate a Scenario; `[devices]` (one table) or `[[devices]]` (groups) both work.
+
+    Relative model paths are resolved against base_dir. ConfigError names the file and key path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a scenario must be a table")
+    data = dict(data)
+    if isinstance(data.get("devices"), dict):
+        data["devices"] = [data["devices"]]
+    if "devices" not in data:
+        raise ConfigError(f"{where}: missing required key 'devices' (a [devices] table with model = PACKAGE_DIR)")
+    s = _build(Scenario, data, "", where)
+    if base_dir is not None:
+        groups = [g if Path(g.model).is_absolute() or not g.model else
+                  DeviceGroup(**(asdict(g) | {"model": str((base_dir / g.model).resolve())})) for g in s.devices]
+        s = Scenario(**(asdict(s) | {"devices": groups, "faults": s.faults}))
+    _check(s, where)
+    return s
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read SCENARIO.toml; ConfigError (naming the file) if it is missing, not TOML, or not a valid scenario."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"scenario file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read scenario {p}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return scenario_from_dict(data, str(p), p.parent.resolve())
