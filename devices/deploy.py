@@ -227,16 +227,19 @@ def _deploy_ssh(info: BundleInfo, dest: Destination, install: list[str], dry_run
                 identity: str | None, known_hosts: str | None, accept_new_host: bool) -> DeployResult:
     app = f"{dest.prefix}/opt/edge-slm"
     # the far side re-checks every checksum (install.sh runs sha256sum -c) before touching anything
+    # a system install ('/') by a non-root login goes through sudo -n (never prompts: BatchMode)
+    sudo = "" if dest.prefix else 'S=""; [ "$(id -u)" = 0 ] || S="sudo -n"; '
+    run = "" if not sudo else "$S "
     remote = (
-        "set -e; umask 022; "
-        f"mkdir -p {shlex.quote(app)}; "
-        f"d=$(mktemp -d {shlex.quote(app)}/.incoming-XXXXXX); "
-        "trap 'rm -rf \"$d\"' EXIT; "
-        "tar -xzf - -C \"$d\" --no-same-owner; "
-        f"sh \"$d\"/{shlex.quote(info.release)}/install.sh {shlex.join(install)}"
+        f"set -e; umask 022; {sudo}"
+        f"{run}mkdir -p {shlex.quote(app)}; "
+        f"d=$({run}mktemp -d {shlex.quote(app)}/.incoming-XXXXXX); "
+        f"trap '{run}rm -rf \"$d\"' EXIT; "
+        f"{run}tar -xzf - -C \"$d\"; "
+        f"{run}sh \"$d\"/{shlex.quote(info.release)}/install.sh {shlex.join(install)}"
     )
     base = ssh_base(dest, identity, known_hosts, accept_new_host)
-    cmd = [*base, remote]
+    cmd = [*base, "sh -c " + shlex.quote(remote)]  # the login shell may be fish or zsh; the script is POSIX sh
     url = f"ssh://{dest.user + '@' if dest.user else ''}{dest.host}{':' + str(dest.port) if dest.port else ''}{dest.path}"
     if dry_run:
         return DeployResult(info.release, url, dest.prefix, [shlex.join(cmd) + f" < {info.path}"], "", True)
@@ -303,7 +306,7 @@ def deploy(bundle: str | os.PathLike[str], destination: str, *, identity: str | 
 
 # --- CLI -----------------------------------------------------------------------------------------
 DEPLOY_EPILOG = """examples:
-  edge-slm deploy bundle.tar.gz ssh://pi@raspberrypi.local/          system install (sudo-less root login or pi with sudo)
+  edge-slm deploy bundle.tar.gz ssh://pi@raspberrypi.local/          system install (as root, or via passwordless sudo)
   edge-slm deploy bundle.tar.gz ssh://root@10.0.0.7:2222/ --identity ~/.ssh/edge_ed25519
   edge-slm deploy bundle.tar.gz ssh://pi@pi4/home/pi/edge-root        install under a prefix, no root needed
   edge-slm deploy bundle.tar.gz dir:///mnt/staging --no-venv --python python3

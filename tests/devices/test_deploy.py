@@ -296,6 +296,9 @@ def test_deploy_cli_dry_run_prints_the_plan_and_help_teaches(bundles, capsys):  
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "BatchMode=yes" in out and "-p 2222" in out and "/k/id_ed25519" in out and bundles[0].release in out
+    assert "sudo -n" in out, "a system install by a non-root login goes through sudo without prompting"
+    prefixed = deploy(bundles[0].path, "ssh://pi@pi4:22/home/pi/root", dry_run=True)
+    assert "sudo" not in prefixed.commands[0] and "--prefix /home/pi/root" in prefixed.commands[0]
 
 
 # --- ssh:// against a real sshd on a loopback port ------------------------------------------------
