@@ -242,6 +242,8 @@ def build_report(scenario: dict, records: list[SimRecord], events: list[dict], t
     Time zero is ``started_at`` (wall clock), else scenario["started_at"], else the earliest record.
     ``crash_restarts`` defaults to the number of "restart" events per device.
     """
+    if hasattr(scenario, "__dataclass_fields__"):  # a Scenario object is welcome too
+        scenario = asdict(scenario)  # type: ignore[arg-type]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     events = sorted((dict(e) for e in events), key=lambda e: float(e.get("t", 0.0)))
