@@ -179,26 +179,16 @@ def _load_profile(target: str) -> Any:
     return load_profile(target)
 
 
-def _fit_warnings(package: ModelPackage, profile: Any) -> list[str]:
-    """Whatever devices.fit says against running this package on the target (skipped when absent)."""
+def _fit_check(package: ModelPackage, profile: Any) -> tuple[list[str], list[str]]:
+    """(reasons it cannot run, warnings) from devices.fit for this package on the target."""
     try:
-        from devices import fit
-    except ImportError:
-        return []
-    check = getattr(fit, "check_fit", None) or getattr(fit, "fit", None)
-    if check is None:
-        return []
-    try:
-        report = check(package.path, profile)
-    except EdgeSlmError as exc:
-        return [f"{package.name}: {exc}"]
-    except Exception as exc:  # noqa: BLE001 - a fit-check bug must not stop a bundle; say so instead
-        return [f"{package.name}: fit check could not run ({type(exc).__name__}: {exc})"]
-    ok = getattr(report, "fits", getattr(report, "ok", True))
-    if ok is False:
-        reasons = getattr(report, "reasons", None) or getattr(report, "problems", None) or [str(report)]
-        return [f"{package.name} may not run on {profile.name}: " + "; ".join(map(str, reasons))]
-    return []
+        from devices.fit import fit
+    except ImportError:  # pragma: no cover - fit lives in this repository; kept optional for slim installs
+        return [], []
+    report = fit(package.path, profile)
+    reasons = [f"{package.name}: {r}" for r in report.reasons]
+    warnings = [f"{package.name} on {profile.name}: {w}" for w in report.warnings]
+    return reasons, warnings
 
 
 def build_wheel(dest: Path, source: Path = CHECKOUT) -> Path:
@@ -262,13 +252,15 @@ def _rewrite_config(agent_toml: Path, staging: Path, model_dirs: dict[str, str])
 
 
 def make_bundle(package_dir: str | os.PathLike[str], agent_toml: str | os.PathLike[str], target: str,
-                out_path: str | os.PathLike[str], *, wheel: bool = True, created: datetime | None = None) -> BundleInfo:
+                out_path: str | os.PathLike[str], *, wheel: bool = True, created: datetime | None = None,
+                force: bool = False) -> BundleInfo:
     """Write bundle.tar.gz for one target: verified model package(s), the agent config pointing at the install
     location, requirements pinned for the target, the edge-slm wheel (unless wheel=False), the systemd unit,
     install.sh/uninstall.sh, SHA256SUMS over every file and bundle.json.
 
     Raises ConfigError for an unknown target or a bad config, ModelError for a bad package, BundleError for
-    a microcontroller target (those take `edge-slm export-mcu`).
+    a microcontroller target (those take `edge-slm export-mcu`) or a package devices.fit says the target cannot
+    run (ops its runtime cannot load, not enough RAM or storage) unless force=True, which only warns.
     """
     profile = _load_profile(target)
     if profile.runtime in MCU_RUNTIMES or not profile.python:
@@ -301,7 +293,12 @@ def make_bundle(package_dir: str | os.PathLike[str], agent_toml: str | os.PathLi
                         "newer python3 on the device and pass --python to install.sh (edge-slm deploy --python), "
                         "or use deploy/docker/Dockerfile.jetson")
     for pkg in packages.values():
-        warnings.extend(_fit_warnings(pkg, profile))
+        reasons, fit_warnings = _fit_check(pkg, profile)
+        warnings.extend(fit_warnings)
+        if reasons and not force:
+            raise BundleError(f"{pkg.name} cannot run on {target}: " + "; ".join(reasons)
+                              + " (edge-slm fit says so; --force bundles it anyway)")
+        warnings.extend(f"--force: {r}" for r in reasons)
     for w in warnings:
         log.warning("%s", w)
 
@@ -382,6 +379,9 @@ BUNDLE_EPILOG = """examples:
   edge-slm bundle intents_pkg agent.toml --target pi-4b -o intents-pi4.tar.gz
   edge-slm bundle intents_pkg agent.toml --target jetson-jp5 -o jetson.tar.gz --no-wheel
 
+The package is checked against the target first (edge-slm fit): a model whose ops the target's runtime
+cannot load, or that needs more RAM or storage than it has, is refused (--force only warns).
+
 The bundle holds: models/<name>/ (the verified package), agent.toml (model path rewritten to
 /opt/edge-slm/current/models/<name>, state in /var/lib/edge-slm), requirements.txt pinned for the
 target's runtime, wheels/edge_slm-*.whl, edge-slm.service, install.sh, uninstall.sh, bundle.json and
@@ -392,7 +392,8 @@ Microcontroller targets (esp32-s3, nrf52840) take `edge-slm export-mcu` instead.
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    info = make_bundle(args.package, args.config, args.target, args.output, wheel=not args.no_wheel)
+    info = make_bundle(args.package, args.config, args.target, args.output, wheel=not args.no_wheel,
+                       force=args.force)
     for w in info.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {info.path} ({info.size_bytes / 1024:.0f} KiB, {len(info.files)} files) for {info.target}: "
@@ -411,6 +412,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("-o", "--output", default="bundle.tar.gz", help="where to write the bundle (default: %(default)s)")
     p.add_argument("--no-wheel", action="store_true",
                    help="do not build and include the edge-slm wheel (the device installs edge-slm from its index)")
+    p.add_argument("--force", action="store_true",
+                   help="bundle even when edge-slm fit says the target cannot run the model (warns instead)")
     p.set_defaults(func=cmd_bundle)
 
 

@@ -110,8 +110,17 @@ def test_requirements_are_pinned_per_target(host_bundle):  # noqa: ANN001
     assert "ai-edge-litert==2.3.0" in orin and any(r.startswith("sounddevice") for r in orin)
 
 
+def test_a_model_the_targets_runtime_cannot_load_is_refused_unless_forced(text_model, agent_toml, tmp_path):  # noqa: ANN001
+    # the session's text model is dynamic-range: FULLY_CONNECTED v12, which tflite-runtime 2.14 cannot load
+    with pytest.raises(BundleError, match=r"cannot run on pi-3b.*FULLY_CONNECTED.*--force"):
+        make_bundle(text_model.package, agent_toml, "pi-3b", tmp_path / "pi3.tar.gz", wheel=False)
+    assert not (tmp_path / "pi3.tar.gz").exists()
+    info = make_bundle(text_model.package, agent_toml, "pi-3b", tmp_path / "pi3.tar.gz", wheel=False, force=True)
+    assert any("FULLY_CONNECTED" in w for w in info.warnings) and info.manifest["warnings"] == list(info.warnings)
+
+
 def test_bundle_without_wheel_for_a_32bit_pi(text_model, agent_toml, tmp_path):  # noqa: ANN001
-    info = make_bundle(text_model.package, agent_toml, "pi-3b", tmp_path / "pi3.tar.gz", wheel=False)
+    info = make_bundle(text_model.package, agent_toml, "pi-3b", tmp_path / "pi3.tar.gz", wheel=False, force=True)
     rel = {n.split("/", 1)[1]: d for n, d in read_members(info.path).items()}
     assert not any(n.startswith("wheels/") for n in rel) and info.manifest["wheel"] is None
     assert "tflite-runtime==2.14.0" in rel["requirements.txt"].decode().splitlines()
@@ -119,7 +128,7 @@ def test_bundle_without_wheel_for_a_32bit_pi(text_model, agent_toml, tmp_path): 
 
 
 def test_jetpack5_python_is_too_old_and_the_bundle_says_so(text_model, agent_toml, tmp_path):  # noqa: ANN001
-    info = make_bundle(text_model.package, agent_toml, "jetson-jp5", tmp_path / "jp5.tar.gz", wheel=False)
+    info = make_bundle(text_model.package, agent_toml, "jetson-jp5", tmp_path / "jp5.tar.gz", wheel=False, force=True)
     assert any("3.10" in w and "--python" in w for w in info.warnings)
 
 
