@@ -16,6 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devices.bundle import BundleError, make_bundle
 from devices.deploy import add_cli, deploy, parse_destination, verify_bundle
@@ -363,3 +365,40 @@ def test_ssh_deploy_refuses_an_unknown_host_key(sshd, bundles, tmp_path):  # noq
         deploy(bundles[0].path, f"ssh://root@127.0.0.1:{sshd['port']}{remote_root}", identity=sshd["identity"],
                known_hosts=str(empty), python=sys.executable, no_venv=True)
     assert not remote_root.exists()
+
+
+# --- property tests: whatever the archive or URL, the answer is a BundleError or a safe accept -------
+_parts = st.sampled_from(["rel", "..", ".", "a", "b c", "/", "", "etc", "évil"])
+_names = st.lists(_parts, min_size=1, max_size=4).map("/".join)
+_kinds = st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(members=st.lists(st.tuples(_names, _kinds, _names), min_size=1, max_size=5))
+def test_arbitrary_archives_are_refused_cleanly_and_never_extracted(tmp_path, members):  # noqa: ANN001
+    work = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
+    work.mkdir()
+    path = work / "b.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        for name, kind, link in members:
+            m = tarfile.TarInfo(name or "x")
+            m.type = kind
+            m.linkname = link
+            data = b"data" if kind == tarfile.REGTYPE else None
+            if data:
+                m.size = len(data)
+            t.addfile(m, io.BytesIO(data) if data else None)
+    with pytest.raises(BundleError):  # no SHA256SUMS/bundle.json can be right here, so never accepted
+        verify_bundle(path)
+    with pytest.raises(BundleError):
+        deploy(path, f"dir://{work / 'root'}", python=sys.executable, no_venv=True)
+    assert sorted(p.name for p in work.iterdir()) == ["b.tar.gz"]
+
+
+@given(st.text(max_size=60))
+def test_destination_parser_only_raises_bundle_errors(text):  # noqa: ANN001
+    try:
+        d = parse_destination(text)
+    except BundleError:
+        return
+    assert d.scheme in ("dir", "ssh") and (d.scheme == "dir" or d.host)
