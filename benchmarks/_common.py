@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -139,14 +140,26 @@ def mosquitto_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class Mosquitto:
+    """A running mosquitto of our own: where to connect, its process (for CPU/RSS), its log."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+
 @contextmanager
-def start_mosquitto(workdir: Path, nodelay: bool = True, timeout: float = 10.0) -> Iterator[str]:
-    """A mosquitto of our own on a free loopback port; yields its mqtt:// URL, stops it on exit.
+def start_mosquitto(workdir: Path, nodelay: bool = True, extra_conf: str = "",
+                    timeout: float = 10.0) -> Iterator[Mosquitto]:
+    """A mosquitto of our own on a free loopback port, stopped on exit; connect to `.url`.
 
     Same settings as the tests' broker (tests/conftest.py): unlimited queues (max_queued_messages 0;
     the default 1000 drops QoS 1 messages for a slow subscriber), no persistence, errors logged to
     workdir/mosquitto-PORT.log, `user root` as root. nodelay=False keeps mosquitto's default
-    set_tcp_nodelay false, whose Nagle stalls bench_e2e.py measures on purpose.
+    set_tcp_nodelay false, whose Nagle stalls bench_e2e.py measures on purpose. extra_conf: more
+    mosquitto.conf lines (e.g. "max_connections -1\n").
     """
     from devices.broker import free_port
 
@@ -156,7 +169,7 @@ def start_mosquitto(workdir: Path, nodelay: bool = True, timeout: float = 10.0) 
     conf.write_text(("user root\n" if os.geteuid() == 0 else "")
                     + f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
                     + ("set_tcp_nodelay true\n" if nodelay else "")
-                    + "persistence false\nlog_dest stdout\nlog_type error\n")
+                    + "persistence false\nlog_dest stdout\nlog_type error\n" + extra_conf)
     with open(log, "wb") as out:
         proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -169,7 +182,7 @@ def start_mosquitto(workdir: Path, nodelay: bool = True, timeout: float = 10.0) 
                 raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{port}; see {log}:\n"
                                    + log.read_text(errors="replace")[-2000:])
             time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
+        yield Mosquitto(f"mqtt://127.0.0.1:{port}", port, proc, log)
     finally:
         stop_process(proc)
 

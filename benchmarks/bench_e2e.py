@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +231,10 @@ def run_mode(mode: str, n: int, texts: list[str], pub: paho.Client, obs: Observe
 
 def bench_agent(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str], broker: str | None,
                 nodelay: bool) -> dict[str, Any]:
-    with nullcontext(broker) if broker else start_mosquitto(workdir, nodelay=nodelay) as url:
-        return agent_run(pkg, workdir, n, paced_n, texts, url, external=broker is not None, nodelay=nodelay)
+    if broker:
+        return agent_run(pkg, workdir, n, paced_n, texts, broker, external=True, nodelay=nodelay)
+    with start_mosquitto(workdir, nodelay=nodelay) as own:
+        return agent_run(pkg, workdir, n, paced_n, texts, own.url, external=False, nodelay=nodelay)
 
 
 def agent_run(pkg: Path, workdir: Path, n: int, paced_n: int, texts: list[str], url: str, external: bool,

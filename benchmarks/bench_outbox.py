@@ -155,10 +155,10 @@ def bench_agent(pkg: Path, workdir: Path, n: int, rounds: int) -> list[dict[str,
     inputs = workdir / "inputs.txt"
     inputs.write_text("".join(f"{texts[i % len(texts)]}\n" for i in range(n)))
     runs = []
-    with start_mosquitto(workdir) as url:
+    with start_mosquitto(workdir) as broker:
         for rnd in range(1, rounds + 1):
             for mode, _ in MODES:
-                r = run_agent(mode, rnd, url, pkg, inputs, n, workdir)
+                r = run_agent(mode, rnd, broker.url, pkg, inputs, n, workdir)
                 say(f"round {rnd} {mode:>6}: {r['results_per_s']:8.0f} results/s, {r['results']} delivered "
                     f"({r['unique']} unique), agent {r['agent_wall_s']:.1f}s wall, {r['agent_cpu_s']:.1f}s CPU")
                 runs.append(r)
