@@ -195,6 +195,10 @@ if [ -z "$PREFIX" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/
         touch "$APP/.created-user"
     fi
     chown -R "$SVC_USER:$SVC_USER" "$STATE"
+    # the agent may rewrite its config (cmd/config); nobody else but root may read it (it can hold a password)
+    chown -R "root:$SVC_USER" "$ETC"
+    chmod 0770 "$ETC"
+    chmod 0660 "$ETC/agent.toml"
     systemctl daemon-reload
     systemctl enable edge-slm.service >/dev/null
     if [ "$START" = 1 ]; then

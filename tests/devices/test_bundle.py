@@ -91,7 +91,7 @@ def test_unit_runs_the_agent_with_hardening(host_bundle):  # noqa: ANN001
     unit = read_members(host_bundle.path)[f"{host_bundle.release}/edge-slm.service"].decode()
     assert "ExecStart=@APP@/current/bin/edge-slm run @ETC@/agent.toml" in unit
     for line in ("Restart=on-failure", "User=@USER@", "StateDirectory=edge-slm", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "ReadWritePaths=@STATE@"):
+                 "ProtectSystem=strict", "ReadWritePaths=@STATE@ @ETC@"):
         assert line in unit.splitlines(), line
 
 

@@ -201,7 +201,7 @@ def test_dir_deploy_installs_a_release_whose_agent_answers_then_upgrades_rolls_b
     assert cfg.state_dir == str(root / "var" / "lib" / "edge-slm")
     unit = (root / "etc" / "systemd" / "system" / "edge-slm.service").read_text()
     assert f"ExecStart={app}/current/bin/edge-slm run {root}/etc/edge-slm/agent.toml" in unit
-    assert f"ReadWritePaths={root}/var/lib/edge-slm" in unit and "@" not in unit.split("[Service]")[1].split("#")[0]
+    assert f"ReadWritePaths={root}/var/lib/edge-slm {root}/etc/edge-slm" in unit and "@" not in unit.split("[Service]")[1].split("#")[0]
 
     # the launcher runs the bundle's own wheel, not this checkout
     launcher = (app / "current" / "bin" / "edge-slm").read_text()
