@@ -21,7 +21,14 @@ from converters.checkpoint.decoders import (
     export_saved_model,
 )
 from converters.checkpoint.loader import Checkpoint
-from converters.convert import Attempt, ConversionResult, GateError, target_json, target_problems
+from converters.convert import (
+    Attempt,
+    ConversionResult,
+    GateError,
+    per_channel_dense,
+    target_json,
+    target_problems,
+)
 from converters.convert_checkpoint import checkpoint_sha256
 from converters.text_data import load_texts
 from converters.tf_env import silenced
@@ -181,7 +188,7 @@ def convert_decoder(
             say(f"trying {recipe}: {DESCRIPTIONS[recipe]}")
             a = Attempt(recipe)
             try:
-                a.model_bytes = convert_decoder_tflite(saved, recipe)
+                a.model_bytes = convert_decoder_tflite(saved, recipe, per_channel_dense(target))
             except ConversionError as exc:
                 a.error = str(exc)
                 attempts.append(a)

@@ -413,8 +413,12 @@ def export_saved_model(dec: Decoder, out_dir: Path) -> Path:
     return out_dir
 
 
-def convert_decoder_tflite(saved_model_dir: Path, recipe: str) -> bytes:
-    """TFLite bytes with the prefill and decode signatures; builtin ops only (no Flex)."""
+def convert_decoder_tflite(saved_model_dir: Path, recipe: str, per_channel_dense: bool = True) -> bytes:
+    """TFLite bytes with the prefill and decode signatures; builtin ops only (no Flex).
+
+    per_channel_dense=False quantizes Dense weights per tensor, so FULLY_CONNECTED stays at a version
+    tflite-runtime 2.13/2.14 can load (per-channel dynamic range is v12).
+    """
     if recipe not in RECIPES:
         raise ConversionError(f"unknown decoder recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     try:
@@ -423,6 +427,8 @@ def convert_decoder_tflite(saved_model_dir: Path, recipe: str) -> bytes:
             # silently broken models here.
             conv = t.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=list(SIGNATURES))
             conv.target_spec.supported_ops = [t.lite.OpsSet.TFLITE_BUILTINS]
+            if not per_channel_dense:
+                conv._experimental_disable_per_channel_quantization_for_dense_layers = True  # noqa: SLF001
             if recipe in ("float16", "dynamic"):
                 conv.optimizations = [t.lite.Optimize.DEFAULT]
             if recipe == "float16":
