@@ -203,6 +203,11 @@ def test_dir_deploy_installs_a_release_whose_agent_answers_then_upgrades_rolls_b
     assert f"ExecStart={app}/current/bin/edge-slm run {root}/etc/edge-slm/agent.toml" in unit
     assert f"ReadWritePaths={root}/var/lib/edge-slm {root}/etc/edge-slm" in unit and "@" not in unit.split("[Service]")[1].split("#")[0]
 
+    if shutil.which("systemd-analyze"):  # systemd's own parser, when this machine has it
+        check = subprocess.run(["systemd-analyze", "verify", str(root / "etc" / "systemd" / "system" / "edge-slm.service")],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and "edge-slm.service" not in check.stderr, check.stderr
+
     # the launcher runs the bundle's own wheel, not this checkout
     launcher = (app / "current" / "bin" / "edge-slm").read_text()
     assert str(app / "releases" / first.release / "lib") in launcher
