@@ -159,6 +159,29 @@ class SharedLoopMember(NetworkLoop):
         self.stopped = True
         self.shared.remove(self)
 
+    def pump(self, seconds: float) -> None:
+        """NetworkLoop.pump without paho's select(): a worker with hundreds of links has fds above 1023."""
+        import paho.mqtt.client as paho
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sock = self.client.socket()
+            if sock is None:
+                self._socket_open = False
+                return
+            p = select.poll()
+            p.register(sock.fileno(), select.POLLIN | (select.POLLOUT if self.client.want_write() else 0))
+            for _, ev in p.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                rc = paho.MQTT_ERR_SUCCESS
+                if ev & select.POLLOUT:
+                    rc = self.client.loop_write()
+                if rc == paho.MQTT_ERR_SUCCESS and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    rc = self.client.loop_read()
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    self._socket_open = False
+                    return
+            return  # one round per call, like client.loop(): the caller checks for CONNACK
+
 
 def _use_shared_loop(link: MqttLink, shared: SharedNetLoop) -> None:
     loop = link.loop
@@ -286,8 +309,10 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
         texts = _text_inputs(spec["seed"] + worker)
         shared = SharedNetLoop() if spec["net_loop"] == "shared" else None
         devices = [SimDevice(DeviceSpec(**d), tasks[d["group"]], spec, shared) for d in spec["devices"]]
-        for dev in devices:
+        for k, dev in enumerate(devices):
             dev.start()
+            if k % 25 == 24:
+                out_q.put({"type": "connecting", "worker": worker, "started": k + 1})
     except Exception as exc:  # handed to the simulator, which reports it and stops
         log.exception("worker %d failed to start", worker)
         out_q.put({"type": "failed", "worker": worker, "error": f"{type(exc).__name__}: {exc}"})

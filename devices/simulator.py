@@ -231,17 +231,27 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
         # ramp-up: every worker has loaded its model and connected its devices
         ready = 0
         errors: list[str] = []
-        ramp_deadline = time.time() + 60 + len(ids) * 0.05
+        started: dict[int, int] = {}
+        ramp_start = time.time()
         while ready < nworkers and not errors:
             try:
-                msg = out_q.get(timeout=max(0.1, ramp_deadline - time.time()))
+                # a worker that makes no progress for this long is stuck (loading the model included)
+                msg = out_q.get(timeout=60)
             except Exception:
-                errors.append("workers did not connect their devices in time")
+                errors.append(f"workers connected {sum(started.values())} of {len(ids)} devices, then stalled")
                 break
             if msg["type"] == "ready":
                 ready += 1
+                started[msg["worker"]] = msg["devices"]
+            elif msg["type"] == "connecting":
+                started[msg["worker"]] = msg["started"]
             elif msg["type"] == "failed":
                 errors.append(f"worker {msg['worker']}: {msg['error']}")
+            if not quiet:
+                stream.write(f"\r[ramp-up {time.time() - ramp_start:5.1f}s] devices started "
+                             f"{sum(started.values())}/{len(ids)}   ")
+                stream.flush()
+        ramp_s = time.time() - ramp_start
         if errors:
             raise BrokerError("; ".join(errors))
         t0 = time.time() + 0.2
@@ -335,7 +345,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
             broker.stop()
         state.cleanup()
     dups, explained = _explained_duplicates(records, events, t0)
-    scen = scenario.to_dict() | {"started_at": t0, "broker_url": broker_url, "proxy": proxy_stats,
+    scen = scenario.to_dict() | {"started_at": t0, "ramp_up_s": round(ramp_s, 2), "broker_url": broker_url, "proxy": proxy_stats,
                                  "worker_errors": errors, "bad_payloads": collector.bad_payloads}
     report = build_report(scen, records, events, timeline, out_dir, expected=expected, started_at=t0,
                           duration_s=scenario.duration_s, allow_duplicates=dups == explained)
