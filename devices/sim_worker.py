@@ -274,17 +274,18 @@ class SimDevice:
         if self.outbox is not None:
             self.outbox.close()
 
-    def close(self) -> None:
-        """Shut down like the agent does: wait for acks, say offline, save seq."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Shut down like the agent does: wait (up to timeout) for acks, say offline, save seq."""
         if not self.up:
             return
         self.up = False
+        deadline = time.monotonic() + timeout
         if self.sender is not None:
-            self.sender.wait_drained(5.0)
+            self.sender.wait_drained(timeout)
             self.sender.close()
         if self.outbox is not None:
             self.outbox.close()
-        self.link.close(timeout=2.0)
+        self.link.close(timeout=max(0.05, deadline - time.monotonic()))
         self.seq.close()
 
 
@@ -395,10 +396,11 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
                    "connected": sum(1 for d in devices if d.up and d.link.connected),
                    "reconnects": sum(d.reconnects_total for d in devices), "events": ev})
     unacked = 0
+    deadline = time.monotonic() + 5.0  # for the whole fleet, not per device: an outage may still be on
     for dev in devices:
         if dev.outbox is not None and dev.up:
             unacked += dev.outbox.depth
-        dev.close()
+        dev.close(max(0.05, deadline - time.monotonic()))
     if shared is not None:
         shared.close()
     out_q.put({"type": "closed", "worker": worker, "unacked_at_close": unacked})
