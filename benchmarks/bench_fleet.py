@@ -90,6 +90,10 @@ def train_model(tmp: Path) -> Path:
     return Path(build_model(tmp, epochs=4, quiet=True)["result"].package.path)
 
 
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
 def run_step(n: int, seconds: float, model: Path, broker: str, workers: int, net_loop: str, out: Path,
              mosq_pid: int) -> dict:
     scenario = scenario_from_dict({
@@ -113,7 +117,7 @@ def run_step(n: int, seconds: float, model: Path, broker: str, workers: int, net
     ok = res.passed and p99 is not None and p99 < P99_LIMIT_MS
     return {
         "devices": n, "net_loop": net_loop, "results/s": round(s["results"] / seconds, 1),
-        "p50 ms": lat.get("p50"), "p99 ms": p99, "max ms": lat.get("max"), "lost": s["lost"],
+        "p50 ms": _r(lat.get("p50")), "p99 ms": _r(p99), "max ms": _r(lat.get("max")), "lost": s["lost"],
         "dup": sim.get("duplicates", s["duplicates"]),
         "sim CPU%": round(100 * sim_cpu / wall, 0), "broker CPU%": round(100 * mosq_cpu / wall, 0),
         "sim RSS MB (peak child)": round(kids1.ru_maxrss / 1024, 0), "broker RSS MB": round(proc_rss_mb(mosq_pid), 0),

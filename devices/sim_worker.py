@@ -249,8 +249,9 @@ class SimDevice:
     def submit(self, text: str, k: int) -> None:
         sent = time.time()
         payload = json.dumps({"id": encode_input_id(sent, k), "text": text}).encode()
-        self.pipeline.handle(RawInput(payload, "sim"))
-        self.handled += 1
+        out = self.pipeline.handle(RawInput(payload, "sim"))
+        # a text input gives one record; a streaming task zero or more: count what was actually emitted
+        self.handled += len(out) if isinstance(out, list) else 1
 
     def poll_reconnects(self) -> int:
         """New reconnects since the last call."""

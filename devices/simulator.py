@@ -253,7 +253,8 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
                 stream.flush()
         ramp_s = time.time() - ramp_start
         if errors:
-            raise BrokerError("; ".join(errors))
+            raise EdgeSlmError("simulated devices did not start: " + "; ".join(errors)
+                               + " (check the scenario's model packages and that the broker accepts connections)")
         t0 = time.time() + 0.2
         t0_val.value = t0
         go.set()
