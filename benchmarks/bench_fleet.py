@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devices.scenario import scenario_from_dict  # noqa: E402
 from devices.simulator import run_scenario  # noqa: E402
+from edge_slm.errors import EdgeSlmError  # noqa: E402
 from edge_slm.table import format_table  # noqa: E402
 
 P99_LIMIT_MS = 100.0
@@ -103,7 +104,13 @@ def run_step(n: int, seconds: float, model: Path, broker: str, workers: int, net
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     mosq0 = proc_cpu_s(mosq_pid)
     t0 = time.monotonic()
-    res = run_scenario(scenario, out / f"n{n}-{net_loop}", quiet=True)
+    try:
+        res = run_scenario(scenario, out / f"n{n}-{net_loop}", quiet=True)
+    except EdgeSlmError as exc:  # the fleet did not even start (see the message): that is where it breaks
+        return {"devices": n, "net_loop": net_loop, "results/s": 0, "p50 ms": None, "p99 ms": None,
+                "max ms": None, "lost": None, "dup": None, "sim CPU%": None, "broker CPU%": None,
+                "sim RSS MB (peak child)": None, "broker RSS MB": None, "verdict": "no start",
+                "_errors": [str(exc)[:300]], "_reasons": []}
     wall = time.monotonic() - t0
     self_cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
