@@ -104,8 +104,10 @@ class SharedNetLoop:
             with self._lock:
                 members = list(self._members.values())
             for m in members:
+                if m.stopped:  # removed (a crash or a close) after the snapshot was taken
+                    continue
                 if not m._socket_open:
-                    if now >= m.retry_at and not m.stopped:
+                    if now >= m.retry_at:
                         if not m.try_connect_once():
                             m.retry_at = now + m.backoff.next_delay()
                     continue
