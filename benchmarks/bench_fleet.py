@@ -95,6 +95,44 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
+class RssSampler:
+    """Peak summed RSS of this process and its children except the broker, sampled every 0.5 s."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        import threading
+
+        self.exclude = exclude
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _children(self) -> list[int]:
+        pid = os.getpid()
+        kids: list[int] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                kids += [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return [k for k in kids if k not in self.exclude]
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            total = proc_rss_mb(os.getpid())
+            for k in self._children():
+                try:
+                    total += proc_rss_mb(k)
+                except OSError:
+                    pass
+            self.peak_mb = max(self.peak_mb, total)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(2)
+        return self.peak_mb
+
+
 def run_step(n: int, seconds: float, model: Path, broker: str, workers: int, net_loop: str, out: Path,
              mosq_pid: int) -> dict:
     scenario = scenario_from_dict({
@@ -104,14 +142,18 @@ def run_step(n: int, seconds: float, model: Path, broker: str, workers: int, net
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     mosq0 = proc_cpu_s(mosq_pid)
     t0 = time.monotonic()
+    rss = RssSampler({mosq_pid})
     try:
         res = run_scenario(scenario, out / f"n{n}-{net_loop}", quiet=True)
     except EdgeSlmError as exc:  # the fleet did not even start (see the message): that is where it breaks
+        rss.stop()
         return {"devices": n, "net_loop": net_loop, "results/s": 0, "p50 ms": None, "p99 ms": None,
                 "max ms": None, "lost": None, "dup": None, "sim CPU%": None, "broker CPU%": None,
-                "sim RSS MB (peak child)": None, "broker RSS MB": None, "verdict": "no start",
+                "sim RSS MB": None, "broker RSS MB": None, "load1": None, "verdict": "no start",
                 "_errors": [str(exc)[:300]], "_reasons": []}
     wall = time.monotonic() - t0
+    rss_mb = rss.stop()
+    load1 = os.getloadavg()[0]
     self_cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     sim_cpu = (self_cpu1.ru_utime + self_cpu1.ru_stime - self_cpu0.ru_utime - self_cpu0.ru_stime
@@ -127,7 +169,7 @@ def run_step(n: int, seconds: float, model: Path, broker: str, workers: int, net
         "p50 ms": _r(lat.get("p50")), "p99 ms": _r(p99), "max ms": _r(lat.get("max")), "lost": s["lost"],
         "dup": sim.get("duplicates", s["duplicates"]),
         "sim CPU%": round(100 * sim_cpu / wall, 0), "broker CPU%": round(100 * mosq_cpu / wall, 0),
-        "sim RSS MB (peak child)": round(kids1.ru_maxrss / 1024, 0), "broker RSS MB": round(proc_rss_mb(mosq_pid), 0),
+        "sim RSS MB": round(rss_mb), "broker RSS MB": round(proc_rss_mb(mosq_pid)), "load1": round(load1, 2),
         "verdict": "ok" if ok else ("p99" if res.passed else "LOSS/ERR"),
         "_errors": res.worker_errors, "_reasons": res.report["verdict"]["reasons"][:3],
     }
