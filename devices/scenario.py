@@ -16,14 +16,21 @@ from edge_slm.config import _build
 from edge_slm.errors import ConfigError
 from edge_slm.mqtt import parse_broker_url
 
-INPUT_KINDS = ("text",)  # sensor and voice inputs: not generated yet
+INPUT_KINDS = ("text", "sensor")  # voice inputs: not generated yet
+MAX_MCU_DEVICES = 32  # each MCU-backed device is a C process, a pty and a reader thread
 FAULT_KINDS = ("broker_outage", "latency", "loss", "crash", "serial_noise")
 NET_LOOPS = ("thread", "shared")
 
 
 @dataclass(frozen=True)
 class DeviceGroup:
-    """`count` devices running `model` (a package dir) on generated `kind` inputs at `rate` inputs/s each."""
+    """`count` devices running `model` (a package dir) on generated `kind` inputs at `rate` inputs/s each.
+
+    kind "sensor": each device is its own simulated machine (converters.datasets.vibration), a
+    `faulty` fraction of them with a fault, streaming blocks of samples at `rate` blocks/s; with
+    `mcu = true` the samples come instead from a virtual MCU (firmware_bridge/c/virtual_mcu.c) per
+    device on a pty, read by the agent's SerialSource (blocks at the MCU's own rate: 50/s).
+    """
 
     model: str
     count: int = 10
@@ -31,6 +38,8 @@ class DeviceGroup:
     rate: float = 1.0
     pipeline: str = "intent"
     id_prefix: str = ""  # default: the scenario's id_prefix plus the group's index
+    faulty: float = 0.0  # sensor: fraction of the group's machines that run with a fault
+    mcu: bool = False  # sensor: samples from a virtual MCU process per device, over a pty
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,9 @@ class Fault:
     """One fault window. kind: broker_outage | latency | loss | crash | serial_noise.
 
     latency: latency_ms/jitter_ms from at_s for duration_s; loss: `loss` (0..1) likewise; crash:
-    `devices` devices (a count >= 1, or a fraction < 1) die at at_s and come back restart_after_s later.
+    `devices` devices (a count >= 1, or a fraction < 1) die at at_s and come back restart_after_s later;
+    serial_noise: every MCU-backed device's serial line corrupts each byte with probability `corrupt`
+    for the whole run (at_s = 0, duration_s = 0: the virtual MCU's corruption rate is per process).
     """
 
     kind: str
@@ -96,6 +107,11 @@ class Scenario:
             out += [(gi, f"{self.group_prefix(gi)}-{i + 1:0{width}d}") for i in range(g.count)]
         return out
 
+    @property
+    def serial_corrupt(self) -> float:
+        """The per-byte corruption rate of the MCU-backed devices' serial lines (0: clean)."""
+        return max((f.corrupt for f in self.faults if f.kind == "serial_noise"), default=0.0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -141,6 +157,13 @@ def _check(s: Scenario, where: str) -> None:
             raise ConfigError(f"{where}: {key}.pipeline must be non-empty without '/', '+' or '#'")
         if any(c in g.id_prefix for c in "/+#"):
             raise ConfigError(f"{where}: {key}.id_prefix must not contain '/', '+' or '#'")
+        _finite(g.faulty, f"{key}.faulty", where, 0.0, 1.0)
+        if g.kind != "sensor" and (g.mcu or g.faulty):
+            raise ConfigError(f"{where}: {key}: mcu and faulty apply to sensor devices; set kind = \"sensor\"")
+    n_mcu = sum(g.count for g in s.devices if g.mcu)
+    if n_mcu > MAX_MCU_DEVICES:
+        raise ConfigError(f"{where}: {n_mcu} MCU-backed devices; each is a process, a pty and a thread, keep "
+                          f"them to {MAX_MCU_DEVICES} (plain sensor devices scale like text ones)")
     ids = [d for _, d in s.device_ids()]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{where}: device ids collide between groups; give each group its own id_prefix")
@@ -164,8 +187,16 @@ def _check(s: Scenario, where: str) -> None:
         if f.kind == "crash" and (f.devices <= 0 or (f.devices >= 1 and f.devices != int(f.devices))):
             raise ConfigError(f"{where}: {key}.devices must be a whole count >= 1 or a fraction below 1, got {f.devices!r}")
         if f.kind == "serial_noise":
-            raise ConfigError(f"{where}: {key}: serial_noise needs MCU-backed devices, which this simulator "
-                              "does not run yet; remove the fault")
+            if not n_mcu:
+                raise ConfigError(f"{where}: {key}: serial_noise needs MCU-backed devices; set mcu = true on a "
+                                  "sensor group, or remove the fault")
+            _finite(f.corrupt, f"{key}.corrupt", where, 0.0, 0.1)
+            if f.corrupt <= 0:
+                raise ConfigError(f"{where}: {key} (serial_noise) needs corrupt > 0 (a per-byte probability, "
+                                  "e.g. 2e-5)")
+            if f.at_s != 0 or f.duration_s != 0:
+                raise ConfigError(f"{where}: {key}: serial_noise applies for the whole run (the virtual MCU's "
+                                  "corruption rate is fixed per process); remove at_s and duration_s")
 
 
 def scenario_from_dict(data: dict[str, Any], where: str = "<scenario>", base_dir: Path | None = None) -> Scenario:

@@ -8,15 +8,19 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import queue
 import random
 import select
+import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_slm.errors import BrokerError
+import numpy as np
+
+from edge_slm.errors import BrokerError, ConfigError
 from edge_slm.mqtt import MqttLink, Topics
 from edge_slm.netloop import NetworkLoop
 from edge_slm.outbox import Outbox, OutboxSender, outbox_path
@@ -24,6 +28,7 @@ from edge_slm.package import ModelPackage
 from edge_slm.pipeline import MqttSink, Pipeline
 from edge_slm.seq import SeqCounter
 from edge_slm.sources import RawInput
+from edge_slm.streams import SensorBlock
 from edge_slm.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -204,6 +209,10 @@ class DeviceSpec:
     pipeline: str
     rate: float
     crashes: list[tuple[float, float]]  # (at_s, restart_after_s)
+    kind: str = "text"
+    condition: str = "normal"  # sensor: the simulated machine's condition (a fault from vibration.CONDITIONS)
+    machine: int = 0  # sensor: the machine id given to vibration.make_machine
+    mcu: dict[str, Any] = field(default_factory=dict)  # binary, link, seed, corrupt: samples from a virtual MCU
 
 
 class SimDevice:
@@ -223,6 +232,8 @@ class SimDevice:
         self.handled = 0
         self.reconnects_seen = 0
         self.reconnects_total = 0
+        self.blocks = 0
+        self.error_codes: dict[str, int] = {}
 
     def start(self) -> None:
         cfg = self.cfg
@@ -251,9 +262,24 @@ class SimDevice:
     def submit(self, text: str, k: int) -> None:
         sent = time.time()
         payload = json.dumps({"id": encode_input_id(sent, k), "text": text}).encode()
-        out = self.pipeline.handle(RawInput(payload, "sim"))
-        # a text input gives one record; a streaming task zero or more: count what was actually emitted
-        self.handled += len(out) if isinstance(out, list) else 1
+        self._count(self.pipeline.handle(RawInput(payload, "sim")))
+
+    def submit_raw(self, raw: RawInput) -> None:
+        """A block (generated, or from the virtual MCU's SerialSource): the id carries when it arrived."""
+        raw.input_id = encode_input_id(time.time(), self.blocks)
+        self.blocks += 1
+        self._count(self.pipeline.handle(raw))
+
+    def _count(self, out: dict[str, Any] | list[dict[str, Any]]) -> None:
+        # a text input gives one record; a streaming task zero or more (results and error records such
+        # as missing_samples alike): count what was actually emitted
+        if isinstance(out, list):
+            self.handled += len(out)
+            for r in out:
+                if "error" in r:
+                    self.error_codes[r["error"]] = self.error_codes.get(r["error"], 0) + 1
+        else:
+            self.handled += 1
 
     def poll_reconnects(self) -> int:
         """New reconnects since the last call."""
@@ -293,6 +319,100 @@ class SimDevice:
 
 
 # --------------------------------------------------------------------------------------------------
+# sensor inputs: generated machines, or a virtual MCU per device
+# --------------------------------------------------------------------------------------------------
+class MachineFeed:
+    """Blocks of one simulated machine's vibration (converters.datasets.vibration), looped, t0 continuous."""
+
+    LOOP_S = 4.0  # seconds simulated per device and then replayed: bounded memory for large fleets
+
+    def __init__(self, spec: DeviceSpec, seed: int, sample_rate: float, channels: tuple[str, ...]) -> None:
+        from converters.datasets import vibration
+
+        machine = vibration.make_machine(spec.machine, seed=seed)
+        gyro = any(c in vibration.GYRO_CHANNELS for c in channels)
+        rec = vibration.simulate(machine, spec.condition, self.LOOP_S, seed=seed, gyro=gyro, sample_rate=sample_rate)
+        self.samples = rec.samples
+        self.channels = rec.channels
+        self.rate = rec.sample_rate
+        self.block = max(1, int(round(rec.sample_rate / spec.rate)))
+        self.stream = spec.device_id
+        self.pos = 0
+        self.sent = 0
+
+    def next_block(self) -> SensorBlock:
+        n, total = self.block, len(self.samples)
+        idx = (self.pos + np.arange(n)) % total
+        self.pos = (self.pos + n) % total
+        block = SensorBlock(self.samples[idx], self.rate, self.channels, t0=self.sent / self.rate, stream=self.stream)
+        self.sent += n
+        return block
+
+
+class McuFeed:
+    """A virtual MCU process on a pty, read by the agent's SerialSource; blocks go to the worker's queue.
+
+    The source's reader thread only enqueues: the worker's feeder thread runs the pipeline, so the
+    group's interpreter is never used by two threads at once.
+    """
+
+    def __init__(self, index: int, spec: DeviceSpec, out: queue.Queue) -> None:
+        self.index = index
+        self.spec = spec
+        self.out = out
+        self.proc: subprocess.Popen | None = None
+        self.source: Any = None
+        self.stderr_tail: list[str] = []
+
+    def start(self, timeout: float = 15.0) -> None:
+        m = self.spec.mcu
+        link = Path(m["link"])
+        args = [m["binary"], "--pty", str(link), "--imu-rate", "3200", "--imu-block", "64", "--speed", "1",
+                "--seed", str(m["seed"]), "--corrupt", repr(float(m["corrupt"]))]
+        if self.spec.condition != "normal":
+            args += ["--fault-amp", "0.5"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def pump(proc: subprocess.Popen) -> None:
+            for line in proc.stderr:
+                if "ready" in line:
+                    ready.set()
+                self.stderr_tail = (self.stderr_tail + [line.rstrip()])[-5:]
+
+        threading.Thread(target=pump, args=(self.proc,), name=f"vmcu-{self.spec.device_id}", daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"virtual MCU for {self.spec.device_id} did not come up: {' | '.join(self.stderr_tail)}")
+        from edge_slm.serial_source import SerialSource
+
+        self.source = SerialSource(f"serial://{link}?hello_timeout_s=10", kind="sensor")
+        self.source.start(lambda raw: self.out.put((self.index, raw)), lambda: None)
+
+    def counters(self) -> dict[str, Any]:
+        if self.source is None:
+            return {}
+        c = self.source.counters()
+        return {k: v for k, v in c.items() if isinstance(v, (int, float, bool))}
+
+    def stop(self) -> None:
+        if self.source is not None:
+            self.source.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def _sensor_task(base: Any) -> Any:
+    """A device's own sensor task (its own window buffer) on the group's shared interpreter."""
+    return type(base)(base.package, base.model, hop=base.hop) if getattr(base, "input_kind", "text") == "sensor" else base
+
+
+# --------------------------------------------------------------------------------------------------
 # the worker process
 # --------------------------------------------------------------------------------------------------
 def _text_inputs(seed: int) -> list[str]:
@@ -306,19 +426,37 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
     """Entry point of a worker process (multiprocessing spawn). Talks to the simulator through out_q."""
     logging.basicConfig(level=spec.get("log_level", "WARNING"))
     worker = spec["worker"]
+    mcus: dict[int, McuFeed] = {}
     try:
         tasks = {}
         for gi, g in enumerate(spec["groups"]):
             tasks[gi] = load_task(ModelPackage.open(g["model"]), threads=1)
-        texts = _text_inputs(spec["seed"] + worker)
+        for gi, g in enumerate(spec["groups"]):
+            got = getattr(tasks[gi], "input_kind", "text")
+            if got != g.get("kind", "text"):
+                raise ConfigError(f"devices[{gi}]: kind = {g.get('kind', 'text')!r} but {g['model']} is a "
+                                  f"{tasks[gi].package.task} package, which takes {got} inputs; fix kind or model")
+        texts = _text_inputs(spec["seed"] + worker) if any(g.get("kind", "text") == "text"
+                                                            for g in spec["groups"]) else []
         shared = SharedNetLoop() if spec["net_loop"] == "shared" else None
-        devices = [SimDevice(DeviceSpec(**d), tasks[d["group"]], spec, shared) for d in spec["devices"]]
+        devices = [SimDevice(DeviceSpec(**d), _sensor_task(tasks[d["group"]]), spec, shared)
+                   for d in spec["devices"]]
+        feeds: dict[int, MachineFeed] = {}
+        mcu_q: queue.Queue = queue.Queue()
+        for i, dev in enumerate(devices):
+            if dev.spec.kind == "sensor" and not dev.spec.mcu:
+                feeds[i] = MachineFeed(dev.spec, spec["seed"], dev.task.sample_rate, tuple(dev.task.channels))
         for k, dev in enumerate(devices):
             dev.start()
+            if dev.spec.mcu:
+                mcus[k] = McuFeed(k, dev.spec, mcu_q)
+                mcus[k].start()
             if k % 25 == 24:
                 out_q.put({"type": "connecting", "worker": worker, "started": k + 1})
     except Exception as exc:  # handed to the simulator, which reports it and stops
         log.exception("worker %d failed to start", worker)
+        for m in mcus.values():
+            m.stop()
         out_q.put({"type": "failed", "worker": worker, "error": f"{type(exc).__name__}: {exc}"})
         return
     out_q.put({"type": "ready", "worker": worker, "devices": len(devices)})
@@ -330,13 +468,32 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
     heap: list[tuple[float, int, str, int, float]] = []
     order = 0
     for i, dev in enumerate(devices):
-        heap.append((start + rng.uniform(0, 1.0 / dev.spec.rate), order, "input", i, 0.0))
-        order += 1
+        if not dev.spec.mcu:  # an MCU-backed device streams at the MCU's own rate
+            heap.append((start + rng.uniform(0, 1.0 / dev.spec.rate), order, "input", i, 0.0))
+            order += 1
         for at_s, restart_after in dev.spec.crashes:
             heap.append((start + at_s, order, "crash", i, restart_after))
             order += 1
-    heapq.heapify(heap)
     end = start + duration
+    heap.append((end, order, "end", 0, 0.0))
+    order += 1
+    heapq.heapify(heap)
+
+    def drain_mcus() -> None:
+        nonlocal inputs_sent, errors
+        while True:
+            try:
+                i, raw = mcu_q.get_nowait()
+            except queue.Empty:
+                return
+            dev = devices[i]
+            if dev.up:  # a crashed device reads nothing
+                try:
+                    dev.submit_raw(raw)
+                    inputs_sent += 1
+                except Exception:
+                    errors += 1
+                    log.exception("device %s failed on a block", dev.spec.device_id)
     events: list[dict[str, Any]] = []
     inputs_sent = 0
     next_report = time.time()
@@ -353,9 +510,11 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
                        "connected": sum(1 for d in devices if d.up and d.link.connected),
                        "reconnects": sum(d.reconnects_total for d in devices), "events": events})
             events = []
+        if mcus:
+            drain_mcus()
         when, _, action, i, arg = heap[0]
         if when > now:
-            time.sleep(min(when - now, max(0.0, next_report - now), 0.05))
+            time.sleep(min(when - now, max(0.0, next_report - now), 0.01 if mcus else 0.05))
             continue
         heapq.heappop(heap)
         dev = devices[i]
@@ -364,7 +523,10 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
                 continue
             if dev.up:
                 try:
-                    dev.submit(texts[(inputs_sent + i) % len(texts)], dev.handled)
+                    if i in feeds:
+                        dev.submit_raw(RawInput(b"", "sim", data=feeds[i].next_block()))
+                    else:
+                        dev.submit(texts[(inputs_sent + i) % len(texts)], dev.handled)
                     inputs_sent += 1
                 except Exception:  # a bug in the simulated device: count it, keep the fleet going
                     errors += 1
@@ -383,11 +545,17 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
                 events.append({"t": round(time.time() - start, 3), "kind": "restart_failed",
                                "device": dev.spec.device_id, "error": str(exc)})
         order += 1
+    mcu_counters = {}
+    for k, m in mcus.items():  # unplug: what was already read is still handled and counted
+        mcu_counters[devices[k].spec.device_id] = m.counters()
+        m.stop()
+    drain_mcus()
     out_q.put({"type": "stats", "worker": worker, "t": time.time() - start, "inputs": inputs_sent,
                "connected": sum(1 for d in devices if d.up and d.link.connected),
                "reconnects": sum(d.reconnects_total for d in devices), "events": events})
     out_q.put({"type": "inputs_done", "worker": worker, "expected": {d.spec.device_id: d.handled for d in devices},
-               "errors": errors})
+               "errors": errors, "error_codes": {d.spec.device_id: d.error_codes for d in devices if d.error_codes},
+               "mcu": mcu_counters})
     while not shutdown.wait(0.5):
         now = time.time()
         ev = []

@@ -11,6 +11,8 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -110,6 +112,43 @@ def plan_crashes(scenario: Scenario) -> dict[str, list[tuple[float, float]]]:
         if f.kind == "crash":
             for dev in rng.sample(ids, f.crash_count(len(ids))):
                 plan.setdefault(dev, []).append((f.at_s, f.restart_after_s))
+    return plan
+
+
+BRIDGE_C = Path(__file__).resolve().parents[1] / "firmware_bridge" / "c"
+MCU_CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-pedantic", "-O2"]
+
+
+def build_virtual_mcu(out_dir: Path) -> Path:
+    """Compile firmware_bridge/c/virtual_mcu.c with the system gcc into out_dir; ConfigError without gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise ConfigError("MCU-backed devices (mcu = true) need gcc to build firmware_bridge/c/virtual_mcu.c; "
+                          "install gcc or set mcu = false")
+    out = Path(out_dir) / "virtual_mcu"
+    cmd = [gcc, *MCU_CFLAGS, "-o", str(out), *(str(BRIDGE_C / f) for f in
+                                               ("virtual_mcu.c", "edge_slm_device.c", "edge_slm_frame.c")), "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise EdgeSlmError(f"building the virtual MCU failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return out
+
+
+def plan_sensors(scenario: Scenario) -> dict[str, dict[str, Any]]:
+    """device id -> {condition, machine}: each sensor device its own machine, a `faulty` share with a fault."""
+    from converters.datasets.vibration import CONDITIONS
+
+    rng = random.Random(scenario.seed + 7919)
+    ids = scenario.device_ids()
+    plan: dict[str, dict[str, Any]] = {}
+    for gi, g in enumerate(scenario.devices):
+        if g.kind != "sensor":
+            continue
+        mine = [d for gj, d in ids if gj == gi]
+        bad = set(rng.sample(mine, round(g.faulty * len(mine))))
+        for d in mine:
+            plan[d] = {"condition": rng.choice(CONDITIONS[1:]) if d in bad else "normal",
+                       "machine": 1000 + len(plan)}
     return plan
 
 
@@ -215,10 +254,20 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
         out_q = ctx.Queue()
         go, shutdown = ctx.Event(), ctx.Event()
         t0_val = ctx.Value("d", 0.0)
-        groups = [{"model": g.model} for g in scenario.devices]
+        groups = [{"model": g.model, "kind": g.kind} for g in scenario.devices]
+        sensors = plan_sensors(scenario)
+        binary = build_virtual_mcu(out_dir) if any(g.mcu for g in scenario.devices) else None
+
+        def mcu(k: int, gi: int, d: str) -> dict[str, Any]:
+            if not scenario.devices[gi].mcu:
+                return {}
+            return {"binary": str(binary), "link": str(Path(state.name) / f"tty-{d}"),
+                    "seed": scenario.seed * 1000 + k + 1, "corrupt": scenario.serial_corrupt}
+
         for w in range(nworkers):
             devs = [{"device_id": d, "group": gi, "pipeline": scenario.devices[gi].pipeline,
-                     "rate": scenario.devices[gi].rate, "crashes": crashes.get(d, [])}
+                     "rate": scenario.devices[gi].rate, "crashes": crashes.get(d, []),
+                     "kind": scenario.devices[gi].kind, "mcu": mcu(k, gi, d)} | sensors.get(d, {})
                     for k, (gi, d) in enumerate(ids) if k % nworkers == w]
             spec = {"worker": w, "devices": devs, "groups": groups, "proxy_url": proxy.url,
                     "protocol": scenario.mqtt_protocol, "qos": scenario.qos, "outbox": scenario.outbox,
@@ -263,6 +312,8 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
         events: list[dict[str, Any]] = []
         stats: dict[int, dict[str, Any]] = {}
         expected: dict[str, int] = {}
+        device_errors: dict[str, dict[str, int]] = {}
+        mcu_counters: dict[str, dict[str, Any]] = {}
         done_workers = 0
         timeline: dict[str, list[list[float]]] = {"connected": [], "results_per_s": []}
         seen = 0
@@ -282,6 +333,8 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
                     events += msg["events"]
                 elif msg["type"] == "inputs_done":
                     expected.update(msg["expected"])
+                    device_errors.update(msg.get("error_codes", {}))
+                    mcu_counters.update(msg.get("mcu", {}))
                     done_workers += 1
                     if msg["errors"]:
                         errors.append(f"worker {msg['worker']}: {msg['errors']} inputs failed in the device")
@@ -356,8 +409,18 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
     loss_ok = lost <= scenario.allowed_loss * exp_total
     passed = not errors and (report["verdict"]["passed"] or (
         loss_ok and dups == explained and all("lost" in r or "gaps" in r for r in report["verdict"]["reasons"])))
+    by_code: Counter = Counter()
+    for codes in device_errors.values():
+        by_code.update(codes)
+    received_codes = Counter(r.error for r in records if r.error)
     report["simulator"] = {"passed": passed, "duplicates": dups, "duplicates_after_crash": explained,
-                           "allowed_loss": scenario.allowed_loss, "worker_errors": errors}
+                           "allowed_loss": scenario.allowed_loss, "worker_errors": errors,
+                           # error records (delivered, so not loss) by code: as the devices emitted them and
+                           # as the collector received them (resends after a crash counted again)
+                           "error_codes": dict(by_code), "error_codes_received": dict(received_codes),
+                           "device_error_codes": device_errors,
+                           "sensor_conditions": {d: v["condition"] for d, v in sensors.items()},
+                           "mcu": mcu_counters, "serial_corrupt": scenario.serial_corrupt}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return SimResult(report, passed, out_dir, errors)
 
@@ -395,6 +458,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(result.report))
     else:
         print(format_summary(result.report))
+        codes = result.report["simulator"]["error_codes"]
+        if codes:  # error records are delivered results (no loss): what the devices reported, by code
+            print("error records by code: " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items())))
         print(f"report: {out_dir / 'report.html'} ({'PASSED' if result.passed else 'FAILED'})")
     return 0 if result.passed else 1
 

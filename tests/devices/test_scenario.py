@@ -163,3 +163,41 @@ def test_valid_values_come_back_unchanged(count: int, duration: float, rate: flo
     s = scenario_from_dict({"duration_s": duration, "seed": seed, "devices": {"model": "/p", "count": count,
                                                                               "rate": rate}})
     assert (s.duration_s, s.seed, s.devices[0].count, s.devices[0].rate) == (duration, seed, count, rate)
+
+
+SENSORS = """
+duration_s = 10
+[[devices]]
+model = "pkg"
+kind = "sensor"
+count = 3
+faulty = 0.4
+[[devices]]
+model = "pkg"
+kind = "sensor"
+count = 2
+mcu = true
+"""
+
+
+def test_sensor_groups_and_serial_noise_on_mcu_devices(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 2e-5\n"))
+    assert [g.kind for g in s.devices] == ["sensor", "sensor"] and s.devices[1].mcu and not s.devices[0].mcu
+    assert s.devices[0].faulty == 0.4 and s.serial_corrupt == 2e-5
+    assert load_scenario(write(tmp_path, SENSORS)).serial_corrupt == 0.0
+
+
+@pytest.mark.parametrize("patch, words", [
+    (SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.01\nat_s = 2\nduration_s = 3\n", ["whole run"]),
+    (SENSORS + "[[faults]]\nkind = 'serial_noise'\n", ["corrupt > 0"]),
+    (SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.5\n", ["faults[0].corrupt"]),
+    (SENSORS.replace("faulty = 0.4", "faulty = 1.5"), ["devices[0].faulty"]),
+    (SENSORS.replace("count = 2", "count = 40"), ["40 MCU-backed", "32"]),
+    (MINIMAL + "mcu = true\n", ["devices[0]", "kind = \"sensor\""]),
+    (MINIMAL + "kind = 'voice'\n", ["devices[0].kind", "sensor"]),
+])
+def test_bad_sensor_scenarios_are_refused(tmp_path: Path, patch: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_scenario(write(tmp_path, patch))
+    for w in words:
+        assert w in str(exc.value), str(exc.value)

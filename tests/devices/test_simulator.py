@@ -97,3 +97,42 @@ def test_cli_quick_run_and_unknown_key(text_model, tmp_path) -> None:  # noqa: A
 def test_cli_without_scenario_or_model_explains(args: list[str]) -> None:
     r = run_cli(*args)
     assert r.returncode == 1 and "--model" in r.stderr.decode()
+
+
+def test_sensor_fleet_with_virtual_mcus_and_serial_noise(mosquitto, anomaly_package, tmp_path) -> None:  # noqa: ANN001
+    from tests.fixtures_mcu import require_tool
+
+    require_tool("gcc", "MCU-backed simulated devices run firmware_bridge/c/virtual_mcu.c")
+    scenario = scenario_from_dict({
+        "name": "sensors", "duration_s": 12.0, "seed": 3, "broker": mosquitto.url, "workers": 1, "drain_s": 30.0,
+        "devices": [
+            {"model": str(anomaly_package), "kind": "sensor", "count": 2, "rate": 4.0, "faulty": 0.5,
+             "pipeline": "vibration", "id_prefix": "gen"},
+            {"model": str(anomaly_package), "kind": "sensor", "count": 2, "mcu": True, "pipeline": "vibration",
+             "id_prefix": "mcu"},
+        ],
+        "faults": [{"kind": "serial_noise", "corrupt": 2e-5}],
+    }, "test")
+    out = tmp_path / "rep"
+    result = run_scenario(scenario, out, quiet=True)
+    report, sim = result.report, result.report["simulator"]
+    assert sim["worker_errors"] == [] and result.passed, (report["verdict"], sim["worker_errors"])
+    assert report["summary"]["lost"] == 0 and report["summary"]["unexplained_gaps"] == 0
+    assert set(report["audit"]) == {"gen-001", "gen-002", "mcu-001", "mcu-002"}
+    for dev, d in report["audit"].items():
+        assert d["unique"] == d["expected"] > 0, dev
+    # every device produced anomaly outputs, MCU-backed or generated
+    results: dict[str, int] = {}
+    for dev, d in report["audit"].items():
+        results[dev] = d["expected"] - sum(sim["device_error_codes"].get(dev, {}).values())
+        assert results[dev] > 0, dev
+    # lost serial frames became NaN samples -> missing_samples error records, delivered and audited
+    for dev in ("mcu-001", "mcu-002"):
+        codes = sim["device_error_codes"].get(dev, {})
+        assert codes.get("missing_samples", 0) > 0, (dev, codes)
+        assert sim["mcu"][dev], dev
+    assert sim["error_codes"].get("missing_samples", 0) == sim["error_codes_received"].get("missing_samples", 0)
+    assert not any(sim["device_error_codes"].get(d) for d in ("gen-001", "gen-002"))
+    assert sorted(sim["sensor_conditions"][d] == "normal" for d in ("gen-001", "gen-002")) == [False, True]
+    assert (out / "report.html").exists() and (out / "virtual_mcu").exists()
+    assert json.loads((out / "report.json").read_text())["simulator"]["serial_corrupt"] == 2e-5
