@@ -175,6 +175,23 @@ def _clone(layer: Any, **changes: Any) -> Any:
     return type(layer).from_config(cfg)
 
 
+def _position_constant(model: Any) -> np.ndarray | None:
+    """The position term added to the token embeddings: build_model adds pos_emb(arange) as a constant."""
+    first = model.get_layer("mha_0")._inbound_nodes[0].arguments.args[0]
+    for op in model.operations:
+        for node in op._inbound_nodes:
+            if first in list(node.outputs):
+                consts = [a for a in node.arguments.args if not hasattr(a, "_keras_history")
+                          and hasattr(a, "shape") and len(a.shape) >= 2]
+                if type(op).__name__ == "Add" and len(consts) == 1:
+                    return np.asarray(consts[0])
+                if op.name == "tok_emb":
+                    return None
+                raise ConversionError(f"{model.name}: {op.name} ({type(op).__name__}) feeds mha_0; prune expects "
+                                      "token embeddings plus a constant position term (build_model's layout)")
+    return None
+
+
 def _prune_transformer(model: Any, blocks: list[_Block], plan: PrunePlan, score: str, grads: list | None,
                        kept: dict[str, list[int]]) -> Any:
     keras = tf().keras
@@ -199,11 +216,9 @@ def _prune_transformer(model: Any, blocks: list[_Block], plan: PrunePlan, score:
     tok = _clone(names["tok_emb"])
     x = tok(ids)
     new_weights: list[tuple[Any, list[np.ndarray]]] = [(tok, names["tok_emb"].get_weights())]
-    length = int(model.inputs[0].shape[1])
-    if "pos_emb" in names:
-        pos = _clone(names["pos_emb"])
-        x = x + pos(keras.ops.arange(length))
-        new_weights.append((pos, names["pos_emb"].get_weights()))
+    pos = _position_constant(model)
+    if pos is not None:
+        x = x + keras.ops.convert_to_tensor(pos)
     for i, b in enumerate(blocks):
         if i in drop:
             continue
