@@ -273,6 +273,7 @@ def render_svg(report: dict[str, Any]) -> str:
             chart.parts.append(f'<polyline class="pareto" fill="none" stroke="#2ca02c" stroke-width="1.5" '
                                f'stroke-dasharray="4 3" points="{pts}"><title>Pareto front</title></polyline>')
             chart.legend.append(("Pareto front", "#2ca02c"))
+        placed: list[tuple[float, float, float]] = []
         for i, (r, x) in enumerate(zip(rows, xs)):
             color = PALETTE[i % len(PALETTE)]
             radius = 3 + 7 * (r["latency_ms_p50"] / lmax) ** 0.5 if key == "size" else 4
@@ -281,8 +282,12 @@ def render_svg(report: dict[str, Any]) -> str:
             chart.parts.append(f'<circle class="point" data-name="{_e(r["name"])}" cx="{chart.px(x):.1f}" '
                                f'cy="{chart.py(r["accuracy"] or 0.0):.1f}" r="{radius:.1f}" fill="{color}" '
                                f'fill-opacity="0.8" stroke="#333"><title>{_e(tip)}</title></circle>')
-            chart.parts.append(f'<text class="label" x="{chart.px(x) + radius + 2:.1f}" '
-                               f'y="{chart.py(r["accuracy"] or 0.0) - 3:.1f}" font-size="10">{_e(r["name"])}</text>')
+            lx, ly = chart.px(x) + radius + 2, chart.py(r["accuracy"] or 0.0) - 3
+            width = 6 * len(r["name"])
+            while any(abs(ly - py) < 11 and lx < px + pw and px < lx + width for px, py, pw in placed):
+                ly += 11  # stack labels of nearby points instead of overprinting them
+            placed.append((lx, ly, width))
+            chart.parts.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}" font-size="10">{_e(r["name"])}</text>')
         panels.append(chart.render())
     inner = "\n".join(f'<g class="panel" transform="translate(0,{i * 330})">{p}</g>' for i, p in enumerate(panels))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="760" height="{330 * len(panels)}" '
