@@ -48,8 +48,9 @@ class Fault:
 
     latency: latency_ms/jitter_ms from at_s for duration_s; loss: `loss` (0..1) likewise; crash:
     `devices` devices (a count >= 1, or a fraction < 1) die at at_s and come back restart_after_s later;
-    serial_noise: every MCU-backed device's serial line corrupts each byte with probability `corrupt`
-    for the whole run (at_s = 0, duration_s = 0: the virtual MCU's corruption rate is per process).
+    serial_noise: every MCU-backed device's serial line corrupts each byte with probability `corrupt`,
+    for the whole run (at_s = 0, duration_s = 0), or from at_s for duration_s: the virtual MCU's rate is
+    fixed per process, so a window restarts (replugs) each MCU with the new rate and again at its end.
     """
 
     kind: str
@@ -110,7 +111,12 @@ class Scenario:
     @property
     def serial_corrupt(self) -> float:
         """The per-byte corruption rate of the MCU-backed devices' serial lines (0: clean)."""
-        return max((f.corrupt for f in self.faults if f.kind == "serial_noise"), default=0.0)
+        return max((f.corrupt for f in self.faults if f.kind == "serial_noise" and not f.duration_s), default=0.0)
+
+    def serial_windows(self) -> list[tuple[float, float, float]]:
+        """(at_s, end_s, corrupt) of the windowed serial_noise faults, in time order."""
+        return sorted((f.at_s, f.at_s + f.duration_s, f.corrupt) for f in self.faults
+                      if f.kind == "serial_noise" and f.duration_s)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +170,9 @@ def _check(s: Scenario, where: str) -> None:
     if n_mcu > MAX_MCU_DEVICES:
         raise ConfigError(f"{where}: {n_mcu} MCU-backed devices; each is a process, a pty and a thread, keep "
                           f"them to {MAX_MCU_DEVICES} (plain sensor devices scale like text ones)")
+    windows = sorted((f.at_s, f.at_s + f.duration_s) for f in s.faults if f.kind == "serial_noise" and f.duration_s)
+    if any(b[0] < a[1] for a, b in zip(windows, windows[1:])):
+        raise ConfigError(f"{where}: serial_noise windows overlap; each restarts the MCUs, give them separate times")
     ids = [d for _, d in s.device_ids()]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{where}: device ids collide between groups; give each group its own id_prefix")
@@ -194,9 +203,9 @@ def _check(s: Scenario, where: str) -> None:
             if f.corrupt <= 0:
                 raise ConfigError(f"{where}: {key} (serial_noise) needs corrupt > 0 (a per-byte probability, "
                                   "e.g. 2e-5)")
-            if f.at_s != 0 or f.duration_s != 0:
-                raise ConfigError(f"{where}: {key}: serial_noise applies for the whole run (the virtual MCU's "
-                                  "corruption rate is fixed per process); remove at_s and duration_s")
+            if f.at_s != 0 and f.duration_s <= 0:
+                raise ConfigError(f"{where}: {key}: a serial_noise window needs duration_s > 0 (or neither at_s "
+                                  "nor duration_s: noise for the whole run)")
 
 
 def scenario_from_dict(data: dict[str, Any], where: str = "<scenario>", base_dir: Path | None = None) -> Scenario:

@@ -365,10 +365,24 @@ class McuFeed:
         self.stderr_tail: list[str] = []
 
     def start(self, timeout: float = 15.0) -> None:
+        self.start_mcu(float(self.spec.mcu["corrupt"]), timeout)
+        from edge_slm.serial_source import SerialSource
+
+        self.source = SerialSource(f"serial://{self.spec.mcu['link']}?hello_timeout_s=10", kind="sensor")
+        self.source.start(lambda raw: self.out.put((self.index, raw)), lambda: None)
+
+    def replug(self, corrupt: float, timeout: float = 15.0) -> None:
+        """Unplug the MCU and plug in one whose serial line corrupts bytes at `corrupt`; the source reopens."""
+        self.stop_mcu()
+        self.start_mcu(corrupt, timeout)
+
+    def start_mcu(self, corrupt: float, timeout: float = 15.0) -> None:
         m = self.spec.mcu
         link = Path(m["link"])
+        self.boots = getattr(self, "boots", 0) + 1
         args = [m["binary"], "--pty", str(link), "--imu-rate", "3200", "--imu-block", "64", "--speed", "1",
-                "--seed", str(m["seed"]), "--corrupt", repr(float(m["corrupt"]))]
+                "--seed", str(m["seed"] + 7 * (self.boots - 1)), "--corrupt", repr(float(corrupt)),
+                "--boot-id", str(m["seed"] * 100 + self.boots)]
         if self.spec.condition != "normal":
             args += ["--fault-amp", "0.5"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -384,10 +398,6 @@ class McuFeed:
         if not ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError(f"virtual MCU for {self.spec.device_id} did not come up: {' | '.join(self.stderr_tail)}")
-        from edge_slm.serial_source import SerialSource
-
-        self.source = SerialSource(f"serial://{link}?hello_timeout_s=10", kind="sensor")
-        self.source.start(lambda raw: self.out.put((self.index, raw)), lambda: None)
 
     def counters(self) -> dict[str, Any]:
         if self.source is None:
@@ -398,6 +408,9 @@ class McuFeed:
     def stop(self) -> None:
         if self.source is not None:
             self.source.stop()
+        self.stop_mcu()
+
+    def stop_mcu(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -474,6 +487,11 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
         for at_s, restart_after in dev.spec.crashes:
             heap.append((start + at_s, order, "crash", i, restart_after))
             order += 1
+        if dev.spec.mcu:  # serial_noise windows: replug with the window's rate, and back at its end
+            for at_s, end_s, corrupt in spec.get("serial_windows", []):
+                heap.append((start + at_s, order, "replug", i, corrupt))
+                heap.append((start + end_s, order + 1, "replug", i, float(dev.spec.mcu["corrupt"])))
+                order += 2
     end = start + duration
     heap.append((end, order, "end", 0, 0.0))
     order += 1
@@ -532,6 +550,16 @@ def run_worker(spec: dict[str, Any], out_q: Any, go: Any, t0: Any, shutdown: Any
                     errors += 1
                     log.exception("device %s failed on an input", dev.spec.device_id)
             heapq.heappush(heap, (when + 1.0 / dev.spec.rate, order, "input", i, 0.0))
+        elif action == "replug" and i in mcus:
+            if when < end:
+                try:
+                    mcus[i].replug(arg)
+                    events.append({"t": round(time.time() - start, 3), "kind": "replug", "device": dev.spec.device_id,
+                                   "corrupt": arg})
+                except Exception as exc:
+                    errors += 1
+                    events.append({"t": round(time.time() - start, 3), "kind": "replug_failed",
+                                   "device": dev.spec.device_id, "error": str(exc)})
         elif action == "crash" and dev.up:
             dev.crash()
             events.append({"t": round(when - start, 3), "kind": "crash", "device": dev.spec.device_id})

@@ -272,7 +272,8 @@ def run_scenario(scenario: Scenario, out_dir: Path, *, quiet: bool = False, prog
             spec = {"worker": w, "devices": devs, "groups": groups, "proxy_url": proxy.url,
                     "protocol": scenario.mqtt_protocol, "qos": scenario.qos, "outbox": scenario.outbox,
                     "net_loop": scenario.net_loop, "state_dir": state.name, "seed": scenario.seed,
-                    "duration_s": scenario.duration_s, "log_level": "ERROR"}
+                    "duration_s": scenario.duration_s, "log_level": "ERROR",
+                    "serial_windows": scenario.serial_windows()}
             p = ctx.Process(target=_worker_entry, args=(spec, out_q, go, t0_val, shutdown),
                             name=f"sim-worker-{w}", daemon=True)
             p.start()

@@ -185,10 +185,15 @@ def test_sensor_groups_and_serial_noise_on_mcu_devices(tmp_path: Path) -> None:
     assert [g.kind for g in s.devices] == ["sensor", "sensor"] and s.devices[1].mcu and not s.devices[0].mcu
     assert s.devices[0].faulty == 0.4 and s.serial_corrupt == 2e-5
     assert load_scenario(write(tmp_path, SENSORS)).serial_corrupt == 0.0
+    w = load_scenario(write(tmp_path, SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 1e-3\n"
+                                                "at_s = 2\nduration_s = 3\n"))
+    assert w.serial_corrupt == 0.0 and w.serial_windows() == [(2.0, 5.0, 1e-3)]
 
 
 @pytest.mark.parametrize("patch, words", [
-    (SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.01\nat_s = 2\nduration_s = 3\n", ["whole run"]),
+    (SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.01\nat_s = 2\n", ["duration_s > 0"]),
+    (SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.01\nat_s = 2\nduration_s = 3\n"
+     "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.01\nat_s = 4\nduration_s = 3\n", ["overlap"]),
     (SENSORS + "[[faults]]\nkind = 'serial_noise'\n", ["corrupt > 0"]),
     (SENSORS + "[[faults]]\nkind = 'serial_noise'\ncorrupt = 0.5\n", ["faults[0].corrupt"]),
     (SENSORS.replace("faulty = 0.4", "faulty = 1.5"), ["devices[0].faulty"]),

@@ -111,7 +111,9 @@ def test_sensor_fleet_with_virtual_mcus_and_serial_noise(mosquitto, anomaly_pack
             {"model": str(anomaly_package), "kind": "sensor", "count": 2, "mcu": True, "pipeline": "vibration",
              "id_prefix": "mcu"},
         ],
-        "faults": [{"kind": "serial_noise", "corrupt": 2e-5}],
+        # noise for the whole run, and a noisier window: each MCU is replugged with 1e-4 at 4 s and back at 7 s
+        "faults": [{"kind": "serial_noise", "corrupt": 2e-5},
+                   {"kind": "serial_noise", "corrupt": 1e-4, "at_s": 4.0, "duration_s": 3.0}],
     }, "test")
     out = tmp_path / "rep"
     result = run_scenario(scenario, out, quiet=True)
@@ -134,5 +136,9 @@ def test_sensor_fleet_with_virtual_mcus_and_serial_noise(mosquitto, anomaly_pack
     assert sim["error_codes"].get("missing_samples", 0) == sim["error_codes_received"].get("missing_samples", 0)
     assert not any(sim["device_error_codes"].get(d) for d in ("gen-001", "gen-002"))
     assert sorted(sim["sensor_conditions"][d] == "normal" for d in ("gen-001", "gen-002")) == [False, True]
+    replugs = [(e["device"], e["corrupt"]) for e in report["events"] if e["kind"] == "replug"]
+    assert sorted(replugs) == [("mcu-001", 2e-5), ("mcu-001", 1e-4), ("mcu-002", 2e-5), ("mcu-002", 1e-4)]
+    assert not [e for e in report["events"] if e["kind"] == "replug_failed"]
+    assert all(c.get("link_reopens", 0) >= 1 for c in sim["mcu"].values()), sim["mcu"]
     assert (out / "report.html").exists() and (out / "virtual_mcu").exists()
     assert json.loads((out / "report.json").read_text())["simulator"]["serial_corrupt"] == 2e-5
