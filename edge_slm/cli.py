@@ -38,6 +38,7 @@ EPILOG = """examples:
   edge-slm bundle pkg agent.toml --target pi-5 -o b.tar.gz && edge-slm deploy b.tar.gz ssh://pi@kitchen/opt/edge-slm
   edge-slm doctor agent.toml                      what works on this machine, and how to fix what does not
   edge-slm distill teacher.keras --train t.tsv --eval e.tsv --labels l.txt -o student/   a 4x smaller model
+  edge-slm prune student/student.keras --heads 0.5 --ffn 0.5 ... -o pruned.keras --report report/
 """
 
 # Commands whose parsers live with their code; imported only when that command runs, so the device
@@ -51,6 +52,7 @@ HOST_COMMANDS = {
     "train-kws": ("converters.kws", "speak a keyword dataset with espeak-ng, train a keyword spotter, write an int8 package"),
     "train-sensor": ("converters.sensor_models", "train the vibration anomaly and fault models, write int8 packages"),
     "distill": ("converters.distill", "train a small student from a teacher (.keras, package, checkpoint, encoder)"),
+    "prune": ("converters.prune", "drop layers, heads, FFN neurons or conv channels; recover; size/latency/accuracy report"),
     "export-mcu": ("firmware_bridge.tflm_export", "export a package for TensorFlow Lite Micro: C array, op resolver, arena size"),
 }
 

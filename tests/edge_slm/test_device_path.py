@@ -39,7 +39,7 @@ def test_no_command_prints_usage_and_exits_2():
 
 def test_host_commands_are_listed_and_their_help_loads_their_module():
     res = run_cli("--help")
-    for cmd in (b"train-kws", b"train-sensor", b"export-mcu", b"fit", b"simulate", b"bundle", b"deploy", b"doctor", b"distill"):
+    for cmd in (b"train-kws", b"train-sensor", b"export-mcu", b"fit", b"simulate", b"bundle", b"deploy", b"doctor", b"distill", b"prune"):
         assert cmd in res.stdout
     res = run_cli("export-mcu", "--help")
     assert res.returncode == 0 and b"MicroMutableOpResolver" in res.stdout
