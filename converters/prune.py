@@ -209,8 +209,12 @@ def _prune_transformer(model: Any, blocks: list[_Block], plan: PrunePlan, score:
         raise ConversionError(f"{model.name}: only the edge-slm text transformer layout (one input_ids input, tok_emb, "
                               "pos_emb, mha_i ... ln2_i, pooling, dense head) can be pruned")
     last_ln = blocks[-1].ln2
-    order = list(model.layers)
-    head_layers = [la for la in order[order.index(last_ln) + 1:] if la.weights or "Pooling" in type(la).__name__]
+    ops = list(model.operations)
+    head_layers = ops[ops.index(last_ln) + 1:]
+    odd = [op.name for op in head_layers if not isinstance(op, keras.layers.Layer) or len(op._inbound_nodes) != 1]
+    if odd:
+        raise ConversionError(f"{model.name}: {odd[0]} after the last block is not a plain single-input layer; prune "
+                              "rebuilds the head as a chain of layers (pooling, dense, logits)")
 
     ids = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
     tok = _clone(names["tok_emb"])
