@@ -195,9 +195,28 @@ def _package_teacher(p: Path) -> Teacher:
                 rows.append(model.run(ids[k : k + 1])[0])
         return np.concatenate(rows)
 
-    # parameter count of a TFLite file is not recorded; its size in bytes stands in (int8: one byte a weight)
-    return Teacher("package", p, tok, length, list(pkg.labels) or None, pkg.model_path.stat().st_size,
+    return Teacher("package", p, tok, length, list(pkg.labels) or None, tflite_params(pkg.model_path.read_bytes()),
                    _logits=lambda texts: _batched(run, enc, texts))
+
+
+def tflite_params(model_bytes: bytes) -> int:
+    """Elements of the constant tensors (weights, biases, tables) in a .tflite flatbuffer."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(bytearray(model_bytes), 0)
+    seen: set[int] = set()
+    total = 0
+    for g in range(model.SubgraphsLength()):
+        sub = model.Subgraphs(g)
+        for i in range(sub.TensorsLength()):
+            tensor = sub.Tensors(i)
+            b = tensor.Buffer()
+            buf = model.Buffers(b) if b else None
+            if b in seen or buf is None or not (buf.DataLength() or getattr(buf, "Size", lambda: 0)()):
+                continue
+            seen.add(b)
+            total += int(np.prod(tensor.ShapeAsNumpy())) if tensor.ShapeLength() else 1
+    return total
 
 
 def _checkpoint_teacher(p: Path, max_length: int | None) -> Teacher:
@@ -513,7 +532,7 @@ def run_distill(
         "teacher": {"path": str(teacher.path), "kind": teacher.kind, "params": teacher.n_params},
         "student": {"params": count_params(model), "config": cfg.to_dict(), "config_hash": cfg.digest()},
         "compression": round(teacher.n_params / max(1, count_params(model)), 2),
-        "temperature": temperature, "alpha": alpha, "epochs": res.epochs_run, "best_epoch": res.best_epoch,
+        "temperature": temperature, "alpha": alpha, "match": match, "epochs": res.epochs_run, "best_epoch": res.best_epoch,
         "stopped_early": res.stopped_early, "history": res.history,
     }
     if eval_set is not None:
