@@ -475,8 +475,30 @@ def read_labels(path: str | Path) -> list[str]:
 def read_textset(path: str | Path, labels: list[str]) -> TextSet:
     from converters.text_data import load_texts
 
-    texts, y = load_texts(path, labels)
+    try:
+        texts, y = load_texts(path, labels)
+    except ConversionError as exc:
+        line = _first_unknown_label_line(Path(path), labels) if "label set" in str(exc) else None
+        if line is None:
+            raise
+        raise ConversionError(f"{exc}; it is on line {line}") from exc
     return TextSet(texts, None if y is None else y.astype(np.int32))
+
+
+def _first_unknown_label_line(p: Path, labels: list[str]) -> int | None:
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                label = json.loads(line).get("label")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        else:
+            label = line.partition("\t")[2] or None
+        if label is not None and str(label) not in labels and not str(label).strip().lstrip("-").isdigit():
+            return n
+    return None
 
 
 def run_distill(

@@ -147,8 +147,8 @@ def test_resume_with_another_config_is_refused_and_nothing_is_overwritten(intent
 
 def test_label_outside_the_label_set_is_named_and_nothing_is_written(intents, tmp_path):
     bad = tmp_path / "bad.tsv"
-    bad.write_text("turn on the lights\tlights_on\nmake coffee\tbrew_coffee\n")
-    with pytest.raises(ConversionError, match="brew_coffee.*example 2"):
+    bad.write_text("turn on the lights\tlights_on\n\nmake coffee\tbrew_coffee\n")
+    with pytest.raises(ConversionError, match="brew_coffee.*example 2.*line 3"):
         run_distill(intents.teacher, tmp_path / "out", train=bad, labels=intents.labels, student=SMALL, epochs=1,
                     progress=False)
     assert not (tmp_path / "out").exists()
@@ -260,3 +260,25 @@ def test_bad_cli_flags_are_config_errors(intents, tmp_path):
         _cli("distill", str(intents.teacher), "--train", str(intents.train), "-o", str(tmp_path / "o"),
              "--config", str(toml))
     assert not (tmp_path / "o").exists()
+
+
+def test_embedding_matching_through_a_projection_trains_a_plain_classifier(intents):
+    from converters.distill import TextSet, distill
+    from converters.student import build_student
+
+    teacher = load_teacher(intents.teacher)
+    assert teacher.hidden_states(["lock the front door"]).shape == (1, 24, 96)
+    student, tok = build_student(SMALL, teacher, len(LABELS))
+    n_weights = len(student.weights)
+    train, test = generate(per_intent=40, seed=2)
+    res = distill(teacher, student, TextSet(train.texts, np.asarray(train.labels)),
+                  TextSet(test.texts, np.asarray(test.labels)), tokenizer=tok, match="mse", epochs=2, progress=False)
+    assert len(res.history) == 2 and all(np.isfinite(h["loss"]) for h in res.history)
+    assert len(student.weights) == n_weights  # the 32 -> 96 projection lives outside the student
+
+
+def test_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit):
+        _cli("distill", "--help")
+    text = capsys.readouterr().out
+    assert "edge-slm distill teacher/model.keras" in text and "--resume" in text
