@@ -103,6 +103,21 @@ def _segments(vad: VoiceDetector, samples: np.ndarray) -> list[Segment]:
     return out
 
 
+def _onset_hangover(vad: EnergyVAD | WebRtcVAD) -> bool:
+    """Speech starts after onset_frames loud frames in a row and ends hangover_frames after the last one."""
+    vad._run = vad._run + 1 if vad.loud else 0
+    if vad.loud:
+        if vad.active or vad._run >= vad.onset_frames:
+            vad.active = True
+            vad._hang = vad.hangover_frames
+    elif vad.active:
+        if vad._hang > 0:
+            vad._hang -= 1
+        else:
+            vad.active = False
+    return vad.active
+
+
 class EnergyVAD:
     """Streaming energy VAD: feed is_speech() consecutive frames of frame_ms; segments() for a whole clip."""
 
@@ -146,17 +161,7 @@ class EnergyVAD:
         self.floor_db = min(self._history)
         self.energy_db = e
         self.loud = e > self.floor_db + self.threshold_db and e > self.min_energy_db
-        self._run = self._run + 1 if self.loud else 0
-        if self.loud:
-            if self.active or self._run >= self.onset_frames:
-                self.active = True
-                self._hang = self.hangover_frames
-        elif self.active:
-            if self._hang > 0:
-                self._hang -= 1
-            else:
-                self.active = False
-        return self.active
+        return _onset_hangover(self)
 
     def segments(self, samples: np.ndarray) -> list[Segment]:
         """Speech (start_s, end_s) in a whole clip, from a fresh state (the streaming state is reset)."""
@@ -200,17 +205,7 @@ class WebRtcVAD:
         x = np.pad(x[:n], (0, max(0, n - x.size)))
         pcm = np.round(np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
         self.loud = bool(self._vad.is_speech(pcm, self.sample_rate))
-        self._run = self._run + 1 if self.loud else 0
-        if self.loud:
-            if self.active or self._run >= self.onset_frames:
-                self.active = True
-                self._hang = self.hangover_frames
-        elif self.active:
-            if self._hang > 0:
-                self._hang -= 1
-            else:
-                self.active = False
-        return self.active
+        return _onset_hangover(self)
 
     def segments(self, samples: np.ndarray) -> list[Segment]:
         return _segments(self, samples)
