@@ -13,38 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 
 from edge_slm.errors import ConfigError, EdgeSlmError, InputError
-from edge_slm.sources import Deliver, RawInput
+from edge_slm.sources import Deliver, RawInput, parse_options
 from edge_slm.streams import AudioBlock, StreamEnd
 
 log = logging.getLogger(__name__)
-
-
-def parse_options(spec: str, allowed: dict[str, type]) -> tuple[str, dict[str, Any]]:
-    """'scheme://PATH?a=1&b=x' -> (PATH, {a: 1, b: 'x'}), converting by `allowed`; unknown keys are errors."""
-    scheme, rest = spec.split("://", 1)
-    path, _, query = rest.partition("?")
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in allowed:
-            raise ConfigError(f"source {spec!r}: unknown option {key!r} (known: {', '.join(sorted(allowed))})")
-        typ = allowed[key]
-        try:
-            if typ is bool:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                options[key] = value.lower() in ("1", "true", "yes")
-            else:
-                options[key] = typ(value)
-        except ValueError as exc:
-            raise ConfigError(f"source {spec!r}: option {key}={value!r} must be {typ.__name__}") from exc
-        if typ in (int, float) and not options[key] > 0:
-            raise ConfigError(f"source {spec!r}: option {key} must be positive")
-    return path, options
 
 
 class WavSource:

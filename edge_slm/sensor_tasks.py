@@ -6,6 +6,7 @@ numpy, edge_slm.runtime and edge_slm.sensors only; never imports TensorFlow, con
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / np.sum(e)
 
 
-class _SensorStream:
+class _SensorStream(ABC):
     """What both sensor tasks share: manifest checks, windowing, stream changes, one-shot windows."""
 
     input_kind = "sensor"
@@ -111,8 +112,9 @@ class _SensorStream:
             raise InputError("inference_failed", "the model produced non-finite values")
         return self._output(x, y) | {"t_start": round(w.t_start, 6), "t_end": round(w.t_end, 6)}
 
+    @abstractmethod
     def _output(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        raise NotImplementedError
+        """The task's answer for one window: features x, model output y."""
 
 
 class SensorAnomalyDetector(_SensorStream):

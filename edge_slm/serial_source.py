@@ -13,40 +13,25 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 from edge_slm.errors import ConfigError, EdgeSlmError
-from edge_slm.sources import Deliver, RawInput
+from edge_slm.sources import Deliver, RawInput, parse_options
 from edge_slm.streams import AudioBlock, SensorBlock
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("baud", "hello_timeout_s", "start")
-
-
 def split_spec(spec: str) -> tuple[str, float, bool]:
     """serial://... -> (the URL firmware_bridge opens, hello timeout, send start?); unknown options are named."""
-    rest = spec.removeprefix("serial://")
-    target, _, query = rest.partition("?")
-    options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"source {spec!r}: unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
-    try:
-        hello_timeout = float(options.pop("hello_timeout_s", "5"))
-    except ValueError as exc:
-        raise ConfigError(f"source {spec!r}: hello_timeout_s must be a number of seconds") from exc
-    start = options.pop("start", "1").lower()
-    if start not in ("0", "1", "true", "false", "yes", "no"):
-        raise ConfigError(f"source {spec!r}: start must be 1 (ask the device to stream) or 0 (it streams by itself)")
-    send_start = start in ("1", "true", "yes")
+    target, options = parse_options(spec, {"baud": int, "hello_timeout_s": float, "start": bool})
     if not target:
         raise ConfigError(f"source {spec!r} names no port; write serial:///dev/ttyUSB0?baud=921600")
+    hello_timeout, send_start = options.get("hello_timeout_s", 5.0), options.get("start", True)
     if "://" in target:  # a pyserial URL: socket://, rfc2217://, loop://
         if "baud" in options:
             raise ConfigError(f"source {spec!r}: baud only applies to a local port")
         return target, hello_timeout, send_start
-    return "serial://" + target + ("?" + urlencode(options) if options else ""), hello_timeout, send_start
+    baud = f"?baud={options['baud']}" if "baud" in options else ""
+    return f"serial://{target}{baud}", hello_timeout, send_start
 
 
 class SerialSource:

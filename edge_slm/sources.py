@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import parse_qsl
 
 from edge_slm.errors import ConfigError
 
@@ -111,6 +112,29 @@ def build_source(spec: str, default_topic: str, sample_rate: int | None = None, 
 
 
 SOURCE_HELP = "mqtt://[TOPIC], stdin://, file://PATH, wav://PATH, microphone://[DEVICE] or serial://PORT"
+
+
+def parse_options(spec: str, allowed: dict[str, type]) -> tuple[str, dict[str, Any]]:
+    """'scheme://PATH?a=1&b=x' -> (PATH, {a: 1, b: 'x'}), converting by `allowed`; unknown keys are errors."""
+    scheme, rest = spec.split("://", 1)
+    path, _, query = rest.partition("?")
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in allowed:
+            raise ConfigError(f"source {spec!r}: unknown option {key!r} (known: {', '.join(sorted(allowed))})")
+        typ = allowed[key]
+        try:
+            if typ is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                options[key] = value.lower() in ("1", "true", "yes")
+            else:
+                options[key] = typ(value)
+        except ValueError as exc:
+            raise ConfigError(f"source {spec!r}: option {key}={value!r} must be {typ.__name__}") from exc
+        if typ in (int, float) and not options[key] > 0:
+            raise ConfigError(f"source {spec!r}: option {key} must be positive")
+    return path, options
 
 
 def next_input_id() -> str:

@@ -6,6 +6,7 @@ Host only; never imports PyTorch (weights come from safetensors as numpy). Expor
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -68,23 +69,29 @@ class Decoder(t.Module):
         if count:
             self.param_count += int(arr.size)
 
-    # -- pieces a subclass provides --------------------------------------------------------------
+    # -- pieces a subclass provides (abstract: tf.Module's metaclass is not ABCMeta, so they raise) ---
+    @abstractmethod
     def _embed(self, ids: Any, positions: Any) -> Any:  # [T] ids -> [T, D]
         raise NotImplementedError
 
+    @abstractmethod
     def _qkv(self, i: int, h: Any, positions: Any) -> tuple[Any, Any, Any]:
         """h [T, D] -> q [T, H, hd], k and v [T, Hkv, hd], positional encoding already applied."""
         raise NotImplementedError
 
+    @abstractmethod
     def _attn_out(self, i: int, a: Any) -> Any:
         raise NotImplementedError
 
+    @abstractmethod
     def _mlp(self, i: int, h: Any) -> Any:
         raise NotImplementedError
 
+    @abstractmethod
     def _norm(self, key: str, x: Any) -> Any:
         raise NotImplementedError
 
+    @abstractmethod
     def _head(self, h: Any) -> Any:  # [N, D] -> [N, V]
         raise NotImplementedError
 

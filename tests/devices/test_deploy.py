@@ -281,10 +281,11 @@ def test_install_sh_rechecks_checksums_on_the_device(bundles, tmp_path):  # noqa
 
 
 def test_install_refuses_a_python_without_the_agent_dependencies(bundles, tmp_path):  # noqa: ANN001
-    bare = shutil.which("python3", path="/usr/bin") or shutil.which("python3")
+    # a fresh venv without pip is an interpreter that certainly lacks numpy and paho-mqtt
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    bare = str(tmp_path / "bare" / "bin" / "python")
     probe = subprocess.run([bare, "-c", "import numpy, paho.mqtt"], capture_output=True)
-    if probe.returncode == 0:
-        pytest.skip(f"{bare} already has numpy and paho-mqtt; no bare interpreter to test with")
+    assert probe.returncode != 0
     root = tmp_path / "root"
     with pytest.raises(BundleError, match="lacks the packages"):
         deploy(bundles[0].path, f"dir://{root}", python=bare, no_venv=True)
